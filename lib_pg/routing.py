@@ -1,0 +1,124 @@
+"""Route the unconditional rows of each denoiser step to the weak weights.
+
+webui's CFG denoiser stacks a step's inputs as [conditional rows..., unconditional
+rows] and evaluates them in one or more UNet calls over consecutive row ranges
+(one call, chunks of the batch size, or a separate unconditional call; see
+modules/sd_samplers_cfg_denoiser.py). The weak rows are therefore always a
+suffix of a call. `StepRouter` follows the row offset across the calls of a
+step; every module with personalized weights splits its input there: the
+conditional part runs with the live weights, the unconditional part with the
+weak weights, in the same forward (no extra model evaluation).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from lib_pg.patching import LivePatch, swapped_parameters
+
+
+@dataclass(frozen=True)
+class CallSplit:
+    """For one UNet call: rows [0, split) are conditional, [split, rows) weak."""
+
+    rows: int
+    split: int
+    omega: float
+
+
+class StepRouter:
+    """Which rows of the current UNet call belong to the weak branch."""
+
+    def __init__(self):
+        self.current = None  # CallSplit while a routed UNet call runs
+        self.unet_calls = 0
+        self._plan = None  # (total rows, first weak row, omega) for the step
+        self._offset = 0
+        self.unexpected_calls = 0
+        self.weak_rows_seen = False  # did a call of this step reach the weak rows?
+        self.failure = None  # an error from the step's callback, raised at the next UNet call
+
+    def fail(self, error: BaseException):
+        self.failure = error
+
+    def begin_step(self, total_rows: int, weak_rows: int, omega: float):
+        """Called from the CFG denoiser callback, before the step's UNet calls.
+
+        ω = 1 (or no weak rows) leaves the step exactly as webui computes it."""
+        self._plan = None if (omega >= 1.0 or weak_rows <= 0) else (total_rows, total_rows - weak_rows, omega)
+        self._offset = 0
+        self.weak_rows_seen = False
+
+    def end_step(self):
+        self._plan = None
+
+    def enter_unet(self, rows: int):
+        self.unet_calls += 1
+        self.current = None
+        if self.failure is not None:
+            raise self.failure
+        if self._plan is None:
+            return
+        total, first_weak, omega = self._plan
+        start, stop = self._offset, self._offset + rows
+        self._offset = stop
+        if stop <= first_weak:
+            return  # conditional rows only
+        if stop > total:
+            # A call webui's denoiser did not plan (another extension calling the
+            # UNet again): it is not ours to route.
+            self.unexpected_calls += 1
+            return
+        self.current = CallSplit(rows, max(first_weak - start, 0), omega)
+        self.weak_rows_seen = True
+
+    def exit_unet(self):
+        self.current = None
+
+
+def _routed_forward(module, layer, router, original):
+    def forward(x, *args, **kwargs):
+        split = router.current
+        if split is None:
+            return original(x, *args, **kwargs)
+        if x.shape[0] != split.rows:
+            raise RuntimeError(
+                f"Personalization Guidance: layer input has batch {x.shape[0]}, the UNet call has {split.rows}; "
+                "another extension changes the batch inside the UNet, which PG cannot route"
+            )
+        k = split.split
+        # The conditional rows run first, on the live weights: a host that
+        # finalises weights lazily in forward (webui's Lora) does it there.
+        cond_out = original(x[:k], *args, **kwargs) if k else None
+        weak = layer.tensors_at(split.omega)
+        with swapped_parameters((module, n, t) for n, t in zip(layer.names, weak)):
+            weak_out = original(x[k:], *args, **kwargs)
+        return weak_out if cond_out is None else torch.cat([cond_out, weak_out])
+
+    return forward
+
+
+def install_routing(patch: LivePatch, unet: torch.nn.Module, layers, router: StepRouter):
+    """Patch each personalized UNet module's forward and hook the UNet's calls,
+    all through `patch`, so that `patch.restore()` takes every trace away."""
+    for layer in layers:
+        module = layer.module
+        original = module.forward  # bound now: includes any class-level patch (e.g. webui's Lora)
+        patch.set_attribute(module, "forward", _routed_forward(module, layer, router, original))
+
+    def before_unet(_module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        router.enter_unet(x.shape[0])
+
+    def after_unet(_module, _args, _output):
+        router.exit_unet()
+
+    patch.keep_handle(unet.register_forward_pre_hook(before_unet, with_kwargs=True))
+    patch.keep_handle(unet.register_forward_hook(after_unet))
+
+
+def text_encoder_swaps(layers, omega: float):
+    """(module, name, tensor) triples that make the text encoder the weak one at ω."""
+    for layer in layers:
+        for name, tensor in zip(layer.names, layer.tensors_at(omega)):
+            yield layer.module, name, tensor

@@ -1,0 +1,118 @@
+"""The user's PG settings: one dataclass, parsed from the UI's positional
+arguments or from the API's single-object form, and validated in one place."""
+
+from dataclasses import dataclass, fields, replace
+
+from lib_pg.errors import PGError
+from lib_pg.schedule import SCHEDULES
+
+WEAK_PROMPTS = ("negative", "empty")
+
+# UI labels map to the API's short values; both are accepted everywhere.
+WEAK_PROMPT_LABELS = {"Negative prompt": "negative", "Empty prompt": "empty"}
+SCHEDULE_LABELS = {"Constant": "constant", "Linear": "linear", "Cosine": "cosine"}
+
+
+@dataclass(frozen=True)
+class PGSettings:
+    enabled: bool = False
+    omega: float = 0.5
+    base: str = ""
+    weak_prompt: str = "negative"
+    schedule: str = "constant"
+    omega_end: float = 0.5
+    start: float = 0.0
+    end: float = 1.0
+
+    @property
+    def is_constant(self) -> bool:
+        return self.schedule == "constant" or self.omega == self.omega_end
+
+    @property
+    def omega_key(self):
+        """What the weak weights depend on: the one ω of a constant schedule, else the reference."""
+        return ("constant", self.omega) if self.is_constant else ("scheduled",)
+
+
+# The order of the script's UI components, and so of the API's positional args.
+ARG_ORDER = tuple(f.name for f in fields(PGSettings))
+DEFAULTS = PGSettings()
+
+
+def _bool(name, value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise PGError(f"'{name}' must be true or false, got {value!r}")
+
+
+def _fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value) if isinstance(value, str) else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise PGError(f"'{name}' must be a number between 0 and 1")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise PGError(f"'{name}' must be between 0 and 1, got {value}")
+    return value
+
+
+def _choice(name, value, allowed, labels):
+    if isinstance(value, str):
+        short = labels.get(value, value.lower())
+        if short in allowed:
+            return short
+    raise PGError(f"'{name}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+
+
+def _text(name, value):
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PGError(f"'{name}' must be a checkpoint name (a string), got {value!r}")
+    return value.strip()
+
+
+_PARSERS = {
+    "enabled": _bool,
+    "omega": _fraction,
+    "base": _text,
+    "weak_prompt": lambda n, v: _choice(n, v, WEAK_PROMPTS, WEAK_PROMPT_LABELS),
+    "schedule": lambda n, v: _choice(n, v, SCHEDULES, SCHEDULE_LABELS),
+    "omega_end": _fraction,
+    "start": _fraction,
+    "end": _fraction,
+}
+
+
+def from_mapping(values: dict, defaults: PGSettings = DEFAULTS) -> PGSettings:
+    unknown = sorted(set(values) - set(ARG_ORDER))
+    if unknown:
+        raise PGError(f"unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(ARG_ORDER)}")
+    parsed = {name: _PARSERS[name](name, value) for name, value in values.items()}
+    settings = replace(defaults, **parsed)
+    if settings.start >= settings.end:
+        raise PGError(f"'start' ({settings.start}) must be below 'end' ({settings.end})")
+    return settings
+
+
+def from_script_args(args) -> PGSettings:
+    """Parse what webui passes to the script: the UI's values by position, or
+    the API's single-object form, where the first argument is a dict."""
+    args = list(args)
+    if args and isinstance(args[0], dict):
+        return from_mapping(args[0])
+    if len(args) > len(ARG_ORDER):
+        raise PGError(f"expected at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}")
+    return from_mapping(dict(zip(ARG_ORDER, args)))
+
+
+def describe_omega(settings: PGSettings) -> str:
+    """ω as the infotext shows it: a number, or 'start→end schedule'."""
+    if settings.is_constant:
+        return f"{settings.omega:g}"
+    return f"{settings.omega:g}->{settings.omega_end:g} {settings.schedule}"

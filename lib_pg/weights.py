@@ -1,0 +1,208 @@
+"""Reading a base checkpoint and building the weak model's weights from it.
+
+θ_ω = θ_ref + ω·(θ_live − θ_ref) for every parameter of the UNet and the text
+encoder(s) that differs between the two; the VAE is not part of the weak model.
+Pure torch/safetensors: the webui adapter passes in webui's own loader.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from lib_pg.errors import PGError
+
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
+
+# webui wraps the text encoder and its token embedding (sd_hijack.py); these
+# attribute names appear in live parameter names but never in checkpoint keys.
+_WRAPPER_SEGMENTS = ("wrapped",)
+
+
+def checkpoint_key(live_name: str) -> str:
+    """The checkpoint key of a live parameter name (webui's wrappers removed)."""
+    return ".".join(part for part in live_name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def is_weak_model_key(key: str) -> bool:
+    return key.startswith(UNET_PREFIX) or key.startswith(TEXT_PREFIXES)
+
+
+def detect_family(shapes) -> str:
+    """A readable model family from checkpoint keys -> shapes (a mapping)."""
+    in_key = UNET_PREFIX + "input_blocks.0.0.weight"
+    in_channels = shapes[in_key][1] if in_key in shapes else None
+    if "conditioner.embedders.1.model.ln_final.weight" in shapes or UNET_PREFIX + "label_emb.0.0.weight" in shapes:
+        family = "SDXL"
+    elif "cond_stage_model.model.ln_final.weight" in shapes:
+        family = "SD 2.x"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        family = "SD 1.x"
+    elif in_channels is None:
+        return "not a Stable Diffusion checkpoint (no UNet keys)"
+    else:
+        family = "unknown family"
+    if in_channels == 9:
+        family += " inpainting"
+    elif in_channels == 8:
+        family += " InstructPix2Pix (edit)"
+    return family
+
+
+def read_checkpoint(path: str):
+    """A safetensors or .ckpt file as a dict of CPU tensors, with the same key
+    clean-up webui applies (the `state_dict` nesting). Used outside webui
+    (tests, benchmark); inside webui the adapter passes webui's own loader."""
+    if not os.path.isfile(path):
+        raise PGError(f"base checkpoint file not found: {path}")
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return data.get("state_dict", data)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (torch.equal calls -0.0 and 0.0 equal, and NaN unequal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+@dataclass
+class WeakLayer:
+    """One live module whose parameters differ from the reference.
+
+    `names` are the module's own parameter names; `ref` holds θ_ref (live dtype
+    and device) for a scheduled ω, `fixed` holds θ_ω for the one constant ω.
+    """
+
+    module: torch.nn.Module
+    names: tuple
+    ref: tuple = None
+    fixed: tuple = None
+    fixed_omega: float = None
+
+    def live(self):
+        return tuple(self.module._parameters[n] for n in self.names)
+
+    def tensors_at(self, omega: float):
+        """The weak model's parameters of this module at ω."""
+        if self.fixed is not None and omega == self.fixed_omega:
+            return self.fixed
+        if self.ref is None:
+            raise RuntimeError(f"weak weights were built for ω={self.fixed_omega}, asked for ω={omega}")
+        if omega == 0.0:
+            return self.ref
+        return tuple(interpolate(r, l, omega) for r, l in zip(self.ref, self.live()))
+
+    def nbytes(self) -> int:
+        held = (self.ref or ()) + (self.fixed or ())
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def interpolate(ref: torch.Tensor, live: torch.Tensor, omega: float) -> torch.Tensor:
+    """θ_ref + ω·(θ_live − θ_ref), in float32, stored in the live dtype.
+
+    ω = 0 returns θ_ref itself (the base weights unchanged)."""
+    if omega == 0.0:
+        return ref
+    return torch.lerp(ref.float(), live.float(), omega).to(live.dtype)
+
+
+@dataclass
+class WeakModel:
+    """The weights that differ between the live model and the reference."""
+
+    unet: list = field(default_factory=list)
+    text: list = field(default_factory=list)
+    differing_bytes: int = 0
+    build_seconds: float = 0.0
+    base_family: str = ""
+    live_family: str = ""
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.unet + self.text)
+
+    @property
+    def text_differs(self) -> bool:
+        return bool(self.text)
+
+
+def live_parameters(model: torch.nn.Module):
+    """checkpoint key -> (owning module, parameter name, parameter) for the
+    UNet and text encoder parameters of a live webui/ldm model."""
+    owners = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module._parameters.items():
+            if param is None:
+                continue
+            key = checkpoint_key(f"{module_name}.{param_name}" if module_name else param_name)
+            if is_weak_model_key(key) and key not in owners:
+                owners[key] = (module, param_name, param)
+    return owners
+
+
+def check_compatible(live_shapes: dict, base_shapes: dict, base_name: str):
+    """Refuse a base of another architecture, naming both families and the first mismatch."""
+    for key, shape in live_shapes.items():
+        base_shape = base_shapes.get(key)
+        if base_shape is None or tuple(base_shape) != tuple(shape):
+            live_family, base_family = detect_family(live_shapes), detect_family(base_shapes)
+            found = "missing" if base_shape is None else f"shape {list(base_shape)}"
+            raise PGError(
+                f"base checkpoint '{base_name}' ({base_family}) does not match the active model ({live_family}): "
+                f"first mismatching key {key} (active shape {list(shape)}, base {found}). "
+                "Pick the checkpoint your model was trained from."
+            )
+
+
+def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, base_name: str = "base",
+                     device_for=None) -> WeakModel:
+    """Match the base state dict key by key against the live model and keep,
+    for each module whose weights differ, what the weak branch needs.
+
+    `settings_omega_key` is ("constant", ω) to store θ_ω itself (one copy of the
+    differing weights), or ("scheduled",) to store θ_ref and interpolate per step.
+    `device_for(param)` gives where a weak tensor must live (default: with the param).
+    """
+    import time
+
+    started = time.perf_counter()
+    owners = live_parameters(model)
+    live_shapes = {k: tuple(p.shape) for k, (_, _, p) in owners.items()}
+    base_shapes = {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")}
+    check_compatible(live_shapes, base_shapes, base_name)
+
+    constant = settings_omega_key[0] == "constant"
+    omega = settings_omega_key[1] if constant else None
+    by_module = {}
+    differing = 0
+    # ω = 1 is plain CFG: nothing is routed, so nothing is kept beyond the check above.
+    keep = {} if constant and omega >= 1.0 else owners
+    with torch.no_grad():
+        for key, (module, name, param) in keep.items():
+            device = device_for(param) if device_for else param.device
+            ref = base_state[key].to(device=device, dtype=param.dtype)
+            live = param.detach()
+            if live.device != device:
+                live = live.to(device)
+            if same_bits(ref, live):
+                continue  # this part of the model is not personalized: nothing to do
+            differing += param.numel() * param.element_size()
+            weak = interpolate(ref, live, omega) if constant else ref
+            entry = by_module.setdefault(id(module), (module, key, []))
+            entry[2].append((name, weak))
+
+    result = WeakModel(differing_bytes=differing, base_family=detect_family(base_shapes),
+                       live_family=detect_family(live_shapes))
+    for module, key, items in by_module.values():
+        names = tuple(n for n, _ in items)
+        tensors = tuple(t for _, t in items)
+        layer = WeakLayer(module, names, fixed=tensors, fixed_omega=omega) if constant else WeakLayer(module, names, ref=tensors)
+        (result.unet if key.startswith(UNET_PREFIX) else result.text).append(layer)
+    result.build_seconds = time.perf_counter() - started
+    return result

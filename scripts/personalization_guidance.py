@@ -1,0 +1,119 @@
+"""webui always-on script: the "Personalization Guidance" accordion.
+
+UI and webui lifecycle only; the work happens in lib_pg (via its webui adapter).
+"""
+
+from modules import script_callbacks, scripts
+
+from lib_pg import settings as pg_settings
+from lib_pg import webui_adapter
+
+TITLE = "Personalization Guidance"
+
+
+def _label(labels, short):
+    return next((label for label, value in labels.items() if value == short), short)
+
+
+def _range_part(index):
+    def read(params):
+        text = params.get(webui_adapter.KEY_RANGE)
+        if webui_adapter.KEY_OMEGA not in params:
+            return None
+        if not text:
+            return (0.0, 1.0)[index]
+        try:
+            return float(str(text).split("-")[index])
+        except (ValueError, IndexError):
+            return None
+
+    return read
+
+
+class PersonalizationGuidanceScript(scripts.Script):
+    sorting_priority = 15
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        # No side effects here: webui calls ui() again at API start-up for defaults.
+        import gradio as gr
+        from modules import sd_models, ui_common
+
+        tab = "img2img" if is_img2img else "txt2img"
+        d = pg_settings.DEFAULTS
+        with _accordion(gr, tab) as enabled:
+            with gr.Row():
+                omega = gr.Slider(0.0, 1.0, value=d.omega, step=0.01, elem_id=f"{tab}_pg_omega",
+                                  label="Weak model strength ω (lower = stronger pull toward your subject; 1 = plain CFG)")
+            with gr.Row():
+                base = gr.Dropdown(choices=sd_models.checkpoint_tiles(), value="", elem_id=f"{tab}_pg_base",
+                                   label="Base checkpoint (the one your model was trained from)")
+                ui_common.create_refresh_button(base, sd_models.list_models,
+                                                lambda: {"choices": sd_models.checkpoint_tiles()}, f"{tab}_pg_base_refresh")
+            with gr.Accordion("Advanced", open=False):
+                weak_prompt = gr.Radio(list(pg_settings.WEAK_PROMPT_LABELS), value=_label(pg_settings.WEAK_PROMPT_LABELS, d.weak_prompt),
+                                       elem_id=f"{tab}_pg_weak_prompt", label="Weak branch prompt")
+                schedule = gr.Radio(list(pg_settings.SCHEDULE_LABELS), value=_label(pg_settings.SCHEDULE_LABELS, d.schedule),
+                                    elem_id=f"{tab}_pg_schedule", label="ω schedule over the steps")
+                omega_end = gr.Slider(0.0, 1.0, value=d.omega_end, step=0.01, elem_id=f"{tab}_pg_omega_end",
+                                      label="ω at the end (linear / cosine schedule)")
+                with gr.Row():
+                    start = gr.Slider(0.0, 1.0, value=d.start, step=0.01, elem_id=f"{tab}_pg_start", label="Active from (fraction of steps)")
+                    end = gr.Slider(0.0, 1.0, value=d.end, step=0.01, elem_id=f"{tab}_pg_end", label="Active until (fraction of steps)")
+
+        k = webui_adapter
+        self.infotext_fields = [
+            (enabled, lambda params: k.KEY_OMEGA in params),
+            (omega, k.KEY_OMEGA),
+            (base, k.KEY_BASE),
+            (weak_prompt, lambda params: _label(pg_settings.WEAK_PROMPT_LABELS, params.get(k.KEY_WEAK_PROMPT, "negative")) if k.KEY_OMEGA in params else None),
+            (schedule, lambda params: _label(pg_settings.SCHEDULE_LABELS, params.get(k.KEY_SCHEDULE, "constant")) if k.KEY_OMEGA in params else None),
+            (omega_end, lambda params: params.get(k.KEY_OMEGA_END, params.get(k.KEY_OMEGA))),
+            (start, _range_part(0)),
+            (end, _range_part(1)),
+        ]
+        self.paste_field_names = [k.KEY_OMEGA, k.KEY_BASE, k.KEY_WEAK_PROMPT, k.KEY_SCHEDULE, k.KEY_OMEGA_END, k.KEY_RANGE]
+        # The order here is the API's positional order (lib_pg.settings.ARG_ORDER).
+        return [enabled, omega, base, weak_prompt, schedule, omega_end, start, end]
+
+    def process(self, p, *args):
+        webui_adapter.CONTROLLER.prepare(p, args)
+
+
+def _accordion(gr, tab):
+    """webui's InputAccordion (enable box in the header) where it exists (1.7+)."""
+    try:
+        from modules.ui_components import InputAccordion
+    except ImportError:
+        return _CheckboxAccordion(gr, tab)
+    return InputAccordion(False, label=TITLE, elem_id=f"{tab}_pg_enabled")
+
+
+class _CheckboxAccordion:
+    """webui 1.6: a plain accordion whose first control is the enable box."""
+
+    def __init__(self, gr, tab):
+        self._accordion = gr.Accordion(TITLE, open=False, elem_id=f"{tab}_pg_accordion")
+        self._gr, self._tab = gr, tab
+
+    def __enter__(self):
+        self._accordion.__enter__()
+        return self._gr.Checkbox(False, label="Enable", elem_id=f"{self._tab}_pg_enabled")
+
+    def __exit__(self, *exc):
+        return self._accordion.__exit__(*exc)
+
+
+def _on_script_unloaded():
+    webui_adapter.CONTROLLER.shutdown()
+    script_callbacks.remove_callbacks_for_function(webui_adapter.CONTROLLER.on_model_loaded)
+    script_callbacks.remove_callbacks_for_function(_on_script_unloaded)
+
+
+script_callbacks.on_model_loaded(webui_adapter.CONTROLLER.on_model_loaded)
+script_callbacks.on_script_unloaded(_on_script_unloaded)
