@@ -64,11 +64,24 @@ def read_checkpoint(path: str):
     return data.get("state_dict", data)
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (torch.equal calls -0.0 and 0.0 equal, and NaN unequal)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    as_int = _SAME_SIZE_INT[a.element_size()]
+    return torch.equal(a.contiguous().view(-1).view(as_int), b.contiguous().view(-1).view(as_int))
+
+
+def differs(ref: torch.Tensor, live: torch.Tensor) -> bool:
+    """Whether fine-tuning changed this tensor. A fine-tuned tensor usually
+    differs in its first elements already, which spares the full comparison."""
+    head = min(ref.numel(), 256)
+    if not same_bits(ref.reshape(-1)[:head], live.reshape(-1)[:head]):
+        return True
+    return not same_bits(ref, live)
 
 
 @dataclass
@@ -104,12 +117,14 @@ class WeakLayer:
 
 
 def interpolate(ref: torch.Tensor, live: torch.Tensor, omega: float) -> torch.Tensor:
-    """θ_ref + ω·(θ_live − θ_ref), in float32, stored in the live dtype.
+    """θ_ref + ω·(θ_live − θ_ref), computed in float32, stored in the live dtype.
 
     ω = 0 returns θ_ref itself (the base weights unchanged)."""
     if omega == 0.0:
         return ref
-    return torch.lerp(ref.float(), live.float(), omega).to(live.dtype)
+    if live.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.lerp(ref, live, omega)  # computed in float32 internally, rounded once
+    return torch.lerp(ref.float(), live.float(), omega).to(live.dtype)  # e.g. webui's fp8 weight storage
 
 
 @dataclass
@@ -190,7 +205,7 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
             live = param.detach()
             if live.device != device:
                 live = live.to(device)
-            if same_bits(ref, live):
+            if not differs(ref, live):
                 continue  # this part of the model is not personalized: nothing to do
             differing += param.numel() * param.element_size()
             weak = interpolate(ref, live, omega) if constant else ref

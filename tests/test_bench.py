@@ -1,0 +1,14 @@
+"""The benchmark keeps working: a tiny configuration, exact facts only (no timings)."""
+
+from bench import run as bench
+
+KEYS = {"ratio_checkpoint", "ratio_lora", "evals_equal", "build_s", "read_s", "cache_hit_ms", "extra_mem_ratio"}
+
+
+def test_tiny_benchmark_reports_every_key_and_equal_evaluations(capsys):
+    result = bench.main(["--tiny", "--rounds", "1", "--batch-sizes", "1"])
+    assert KEYS <= set(result)
+    assert result["evals_equal"] is True
+    assert result["extra_mem_ratio"] == 1.0  # constant ω: exactly one copy of the differing weights
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("{") and '"evals_equal": true' in last_line

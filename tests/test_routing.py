@@ -1,0 +1,132 @@
+"""The weak branch, routed row by row inside one UNet call, equals the whole
+weak model run on those rows; the conditional rows equal the live model."""
+
+import pytest
+import torch
+
+from lib_pg.guidance import GuidanceRun
+from lib_pg.patching import LivePatch, module_state_fingerprint, swapped_parameters
+from lib_pg.routing import StepRouter
+from lib_pg.settings import PGSettings
+from lib_pg.weights import build_weak_model
+from tests.helpers import base_state, interpolated_copy, make_pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+def step_inputs(rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, 8, 8, generator=g)
+    t = torch.full((rows,), 500.0)
+    context = torch.randn(rows, 77, 32, generator=g)
+    return x, t, context
+
+
+def unet_of(model):
+    return model.model.diffusion_model
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.35])
+def test_one_call_splits_cond_and_weak_rows(pair, omega):
+    base, tuned = pair
+    weak = build_weak_model(tuned, base_state(base), ("constant", omega))
+    reference = interpolated_copy(base, tuned, omega) if omega else base
+    x, t, ctx = step_inputs(4)
+    with torch.no_grad(), GuidanceRun(unet_of(tuned), weak, PGSettings(True, omega)) as run:
+        run.begin_step(0, 10, total_rows=4, weak_rows=2)
+        out = unet_of(tuned)(x, t, context=ctx)
+        expected_cond = unet_of(tuned)(x[:2], t[:2], context=ctx[:2])  # outside any UNet plan: live weights
+    with torch.no_grad():
+        expected_weak = unet_of(reference)(x[2:], t[2:], context=ctx[2:])
+    assert torch.equal(out[:2], expected_cond)
+    assert torch.equal(out[2:], expected_weak)
+    assert run.router.unet_calls == 2 and run.report.guided_steps == 1
+
+
+def test_omega_one_is_plain_cfg_bit_for_bit(pair):
+    base, tuned = pair
+    weak = build_weak_model(tuned, base_state(base), ("scheduled",))
+    x, t, ctx = step_inputs(4)
+    with torch.no_grad():
+        plain = unet_of(tuned)(x, t, context=ctx)
+        with GuidanceRun(unet_of(tuned), weak, PGSettings(True, 1.0, schedule="linear", omega_end=0.2)) as run:
+            assert run.begin_step(0, 10, 4, 2) == 1.0
+            routed = unet_of(tuned)(x, t, context=ctx)
+    assert torch.equal(plain, routed)
+    assert run.report.unguided_steps == 1
+
+
+def test_scheduled_omega_matches_the_interpolated_model(pair):
+    base, tuned = pair
+    weak = build_weak_model(tuned, base_state(base), ("scheduled",))
+    settings = PGSettings(True, 0.2, schedule="linear", omega_end=0.6)
+    x, t, ctx = step_inputs(2)
+    with torch.no_grad(), GuidanceRun(unet_of(tuned), weak, settings) as run:
+        omega = run.begin_step(5, 10, 2, 1)
+        out = unet_of(tuned)(x, t, context=ctx)
+    assert omega == pytest.approx(0.4)
+    with torch.no_grad():
+        expected = unet_of(interpolated_copy(base, tuned, omega))(x[1:], t[1:], context=ctx[1:])
+    assert torch.allclose(out[1:], expected, atol=1e-6)
+
+
+def test_router_follows_every_batching_path():
+    # rows: 3 conditional (an AND prompt with batch 2), 2 unconditional
+    def splits(call_sizes, total=5, weak=2):
+        router = StepRouter()
+        router.begin_step(total, weak, 0.5)
+        result = []
+        for rows in call_sizes:
+            router.enter_unet(rows)
+            result.append(None if router.current is None else router.current.split)
+            router.exit_unet()
+        return result, router.weak_rows_seen
+
+    assert splits([5]) == ([3], True)  # batch_cond_uncond: one call
+    assert splits([2, 2, 1]) == ([None, 1, 0], True)  # chunks of the batch size: one call is mixed
+    assert splits([3, 2]) == ([None, 0], True)  # different token lengths: a separate unconditional call
+    assert splits([3]) == ([None], False)  # NGMS / skip early CFG: x_in lost its unconditional rows
+    assert splits([5, 5]) == ([3, None], True)  # a second, unplanned call is left alone
+
+
+def test_every_trace_is_removed_on_success_and_on_exception(pair):
+    base, tuned = pair
+    weak = build_weak_model(tuned, base_state(base), ("constant", 0.5))
+    before = module_state_fingerprint(tuned)
+    x, t, ctx = step_inputs(2)
+    with torch.no_grad(), GuidanceRun(unet_of(tuned), weak, PGSettings(True, 0.5)) as run:
+        run.begin_step(0, 4, 2, 1)
+        unet_of(tuned)(x, t, context=ctx)
+        assert module_state_fingerprint(tuned) != before  # installed
+    assert module_state_fingerprint(tuned) == before
+
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), GuidanceRun(unet_of(tuned), weak, PGSettings(True, 0.5)) as run:
+        run.begin_step(0, 4, 2, 1)
+        run.router.fail(KeyboardInterrupt())  # e.g. an error in the step callback
+        unet_of(tuned)(x, t, context=ctx)
+    assert module_state_fingerprint(tuned) == before
+
+
+def test_live_patch_restores_instance_attributes_in_reverse_order():
+    class Thing:
+        pass
+
+    thing = Thing()
+    thing.kept = "own"
+    with LivePatch() as patch:
+        patch.set_attribute(thing, "kept", "patched")
+        patch.set_attribute(thing, "added", 1)
+        patch.set_attribute(thing, "kept", "patched twice")
+        assert thing.kept == "patched twice"
+    assert thing.kept == "own" and not hasattr(thing, "added")
+
+
+def test_swapped_parameters_put_the_same_objects_back():
+    layer = torch.nn.Linear(2, 2)
+    weight = layer.weight
+    with swapped_parameters([(layer, "weight", torch.zeros(2, 2))]):
+        assert torch.count_nonzero(layer.weight) == 0
+    assert layer.weight is weight
