@@ -44,6 +44,7 @@ class Controller:
 
     def __init__(self):
         self.cache = WeakModelCache()
+        self.active_run = None  # the GuidanceRun of the sampling call in flight, if any
 
     # -- lifetime -------------------------------------------------------
     def on_model_loaded(self, _sd_model):
@@ -113,7 +114,11 @@ class Controller:
     def _sample(self, p, settings, base_info, original_sample, args, kwargs):
         model = shared.sd_model
         checkpoint = getattr(model, "sd_checkpoint_info", None)
-        weak = self._weak_model(model, settings, base_info)
+        try:
+            weak = self._weak_model(model, settings, base_info)
+        except PGError as error:
+            log(f"Error: {error.reason}")
+            raise
         unet = model.model.diffusion_model
         texts = WeakConditioning(p, settings, weak, model)
         with GuidanceRun(unet, weak, settings) as run:
@@ -131,9 +136,11 @@ class Controller:
                     run.router.fail(error)
 
             script_callbacks.on_cfg_denoiser(on_denoiser, name="personalization_guidance")
+            self.active_run = run
             try:
                 result = original_sample(*args, **kwargs)
             finally:
+                self.active_run = None
                 script_callbacks.remove_callbacks_for_function(on_denoiser)
         note = skipped_note(run.report, p.extra_generation_params)
         if note:
