@@ -90,9 +90,15 @@ def _routed_forward(module, layer, router, original):
         # The conditional rows run first, on the live weights: a host that
         # finalises weights lazily in forward (webui's Lora) does it there.
         cond_out = original(x[:k], *args, **kwargs) if k else None
+        weak_x = x[k:]
         weak = layer.tensors_at(split.omega)
         with swapped_parameters((module, n, t) for n, t in zip(layer.names, weak)):
-            weak_out = original(x[k:], *args, **kwargs)
+            weak_out = original(weak_x, *args, **kwargs)
+        if layer.corrections:
+            # Stripped low-rank networks: their output contribution, scaled from
+            # ω = 1 (what the live layer computed) down to ω, on these rows only.
+            shift = sum(delta(weak_x) for delta in layer.corrections)
+            weak_out = weak_out + shift.to(weak_out.dtype) * (split.omega - 1.0)
         return weak_out if cond_out is None else torch.cat([cond_out, weak_out])
 
     return forward

@@ -23,6 +23,11 @@ class PGSettings:
     omega_end: float = 0.5
     start: float = 0.0
     end: float = 1.0
+    strip_loras: tuple = ()  # names of prompt LoRAs to strip; ("*",) strips every LoRA in the prompt
+
+    @property
+    def strips_all_loras(self) -> bool:
+        return "*" in self.strip_loras
 
     @property
     def is_constant(self) -> bool:
@@ -69,6 +74,20 @@ def _choice(name, value, allowed, labels):
     raise PGError(f"'{name}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
 
 
+def _lora_names(name, value):
+    """true: every LoRA in the prompt; false/empty: none; a list or a comma-separated string: those."""
+    if value is True:
+        return ("*",)
+    if value is False or value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = tuple(v.strip() for v in value if v.strip())
+        return ("*",) if "*" in names else names
+    raise PGError(f"'{name}' must be true, false or a list of LoRA names, got {value!r}")
+
+
 def _text(name, value):
     if value is None:
         return ""
@@ -86,6 +105,7 @@ _PARSERS = {
     "omega_end": _fraction,
     "start": _fraction,
     "end": _fraction,
+    "strip_loras": _lora_names,
 }
 
 
@@ -111,8 +131,6 @@ def from_script_args(args) -> PGSettings:
     return from_mapping(dict(zip(ARG_ORDER, args)))
 
 
-def describe_omega(settings: PGSettings) -> str:
-    """ω as the infotext shows it: a number, or 'start→end schedule'."""
-    if settings.is_constant:
-        return f"{settings.omega:g}"
-    return f"{settings.omega:g}->{settings.omega_end:g} {settings.schedule}"
+def describe_strip(settings: PGSettings) -> str:
+    """The strip_loras setting as the UI's text field and the infotext show it."""
+    return ", ".join(settings.strip_loras)

@@ -17,7 +17,7 @@ from lib_pg.errors import PGError
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version
 from lib_pg.patching import swapped_parameters
 from lib_pg.routing import text_encoder_swaps
-from lib_pg.weights import build_weak_model
+from lib_pg.weights import UNET_PREFIX, build_weak_model, live_parameters
 
 from modules import devices, prompt_parser, script_callbacks, sd_models, sd_samplers, shared  # noqa: E402
 
@@ -29,6 +29,7 @@ KEY_RANGE = "PG steps"
 KEY_BASE = "PG base"
 KEY_WEAK_PROMPT = "PG weak prompt"
 KEY_SKIPPED = "PG skipped"
+KEY_STRIP = "PG strip LoRAs"
 
 
 def log(message):
@@ -93,11 +94,14 @@ class Controller:
         p.sample = refuse
 
     def _check_request(self, p, settings):
-        if not settings.base:
-            raise PGError("choose a base checkpoint ('base'): the checkpoint your personalized model was trained from")
-        info = sd_models.get_closet_checkpoint_match(settings.base)
-        if info is None:
-            raise PGError(f"unknown base checkpoint {settings.base!r} ('base'); use a name from webui's checkpoint list")
+        if not settings.base and not settings.strip_loras:
+            raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from) "
+                          "or LoRAs to strip ('strip_loras')")
+        info = None
+        if settings.base:
+            info = sd_models.get_closet_checkpoint_match(settings.base)
+            if info is None:
+                raise PGError(f"unknown base checkpoint {settings.base!r} ('base'); use a name from webui's checkpoint list")
         model = shared.sd_model
         if getattr(model, "cond_stage_key", None) == "edit":
             raise PGError("InstructPix2Pix-style edit models are not supported: their unconditional branch is an image-conditioned one")
@@ -106,7 +110,7 @@ class Controller:
         sd_unet = sys.modules.get("modules.sd_unet")
         if sd_unet is not None and getattr(sd_unet, "current_unet", None) is not None:
             raise PGError("a replacement UNet (SD Unet setting, e.g. TensorRT) is active; PG needs webui's own UNet")
-        if not os.path.isfile(info.filename):
+        if info is not None and not os.path.isfile(info.filename):
             raise PGError(f"base checkpoint file not found: {info.filename}")
         return info
 
@@ -149,20 +153,29 @@ class Controller:
 
     def _weak_model(self, model, settings, base_info):
         finalize_lora_weights(model)
+        stripped = stripped_networks(settings)
         unet_param = next(model.model.diffusion_model.parameters())
         device = compute_device(model)
-        stat = os.stat(base_info.filename)
-        key = (id(model), live_version(model), base_info.filename, stat.st_size, stat.st_mtime,
-               settings.omega_key, str(unet_param.dtype), str(device))
+        base_key = None
+        if base_info is not None:
+            stat = os.stat(base_info.filename)
+            base_key = (base_info.filename, stat.st_size, stat.st_mtime)
+        key = (id(model), live_version(model), base_key, settings.omega_key, str(unet_param.dtype), str(device),
+               network_signature(), tuple(id(net) for net in stripped))
         weak = self.cache.get(key)
         if weak is not None:
             return weak
         self.cache.clear()  # free the old weak weights before building new ones
         started = time.perf_counter()
+        base_state = None
         try:
-            base_state = sd_models.read_state_dict(base_info.filename, map_location="cpu")
-            weak = build_weak_model(model, base_state, settings.omega_key, base_name=base_info.title,
-                                    device_for=lambda p: device if device is not None else p.device)
+            offsets, corrections = lora_reference(model, stripped, with_base=base_info is not None)
+            if base_info is not None:
+                base_state = sd_models.read_state_dict(base_info.filename, map_location="cpu")
+            weak = build_weak_model(model, base_state, settings.omega_key,
+                                    base_name=base_info.title if base_info is not None else "",
+                                    device_for=lambda p: device if device is not None else p.device,
+                                    offsets=offsets, corrections=corrections)
         except torch.cuda.OutOfMemoryError as error:
             raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
         except MemoryError:
@@ -170,8 +183,12 @@ class Controller:
         finally:
             base_state = None
         self.cache.put(key, weak)
-        log(f"built weak model from {base_info.title} ({weak.base_family}) in {time.perf_counter() - started:.2f} s: "
-            f"{len(weak.unet)} UNet and {len(weak.text)} text-encoder layers differ, "
+        source = base_info.title if base_info is not None else "the active model"
+        if stripped:
+            source += f" without LoRA {', '.join(net.name for net in stripped)}"
+        low_rank = sum(1 for layer in weak.unet if layer.corrections)
+        log(f"built weak model from {source} in {time.perf_counter() - started:.2f} s: "
+            f"{len(weak.unet)} UNet ({low_rank} low-rank) and {len(weak.text)} text-encoder layers differ, "
             f"extra memory {weak.extra_bytes / 2**20:.1f} MiB")
         return weak
 
@@ -246,8 +263,120 @@ def finalize_lora_weights(model):
                 networks.network_apply_weights(module)
 
 
+def lora_networks():
+    """webui's Lora extension module (`networks`), if it is loaded."""
+    networks = sys.modules.get("networks")
+    return networks if networks is not None and hasattr(networks, "loaded_networks") else None
+
+
+def network_signature():
+    """The loaded networks and their multipliers: the weak weights depend on them."""
+    networks = lora_networks()
+    loaded = networks.loaded_networks if networks is not None else []
+    return (tuple((net.name, net.te_multiplier, net.unet_multiplier, net.dyn_dim) for net in loaded),
+            bool(getattr(shared.opts, "lora_functional", False)))
+
+
+def stripped_networks(settings):
+    """The loaded networks (LoRAs of this batch's prompt) that the weak model strips."""
+    if not settings.strip_loras:
+        return []
+    networks = lora_networks()
+    loaded = list(networks.loaded_networks) if networks is not None else []
+    if not loaded:
+        raise PGError("'strip_loras' is set but no LoRA is active: add one to the prompt as <lora:name:weight> "
+                      "(or check the console: webui could not load it)")
+    if settings.strips_all_loras:
+        return loaded
+    chosen = []
+    for wanted in settings.strip_loras:
+        matches = [net for net in loaded if wanted in network_names(net)]
+        if not matches:
+            names = ", ".join(net.name for net in loaded)
+            raise PGError(f"LoRA {wanted!r} in 'strip_loras' is not active in this prompt (active: {names})")
+        chosen += [net for net in matches if net not in chosen]
+    return chosen
+
+
+def network_names(net):
+    on_disk = getattr(net, "network_on_disk", None)
+    return {net.name, getattr(net, "mentioned_name", None), getattr(on_disk, "alias", None), getattr(on_disk, "name", None)} - {None}
+
+
+def is_low_rank_exact(network_module):
+    """A plain LoRA/LoCon module whose functional forward equals its merged delta:
+    its correction can run on the weak rows alone, with no weight copy."""
+    return (type(network_module).__name__ == "NetworkModuleLora"
+            and getattr(network_module, "mid_model", None) is None
+            and getattr(network_module, "dora_scale", None) is None
+            and getattr(network_module, "bias", None) is None
+            and network_module.network.dyn_dim is None)
+
+
+def lora_reference(model, stripped, with_base):
+    """The reference θ_ref as offsets to add (per checkpoint key), and the
+    low-rank corrections, from webui's Lora extension state.
+
+    θ_ref is the model with the stripped networks removed; with a base
+    checkpoint, the base with the same non-stripped networks (style LoRAs) the
+    live model has. Deltas come from webui's own network modules
+    (`NetworkModule.calc_updown`, `forward`), never from reading LoRA files.
+    """
+    networks = lora_networks()
+    if networks is None:
+        return {}, {}
+    merged = not getattr(shared.opts, "lora_functional", False)
+    prefixes = {}
+    for key, (module, name, _) in live_parameters(model).items():
+        prefixes.setdefault(id(module), key[: -len(name) - 1])
+    error_counts = getattr(getattr(networks, "extra_network_lora", None), "errors", None)
+    offsets, corrections = {}, {}
+    with torch.no_grad():
+        for module in model.modules():
+            layer_name = getattr(module, "network_layer_name", None)
+            prefix = prefixes.get(id(module))
+            if layer_name is None or prefix is None or isinstance(module, torch.nn.MultiheadAttention):
+                continue
+            touching = [(net, net.modules[layer_name]) for net in stripped if layer_name in net.modules]
+            backup = getattr(module, "network_weights_backup", None) if merged and with_base else None
+            if not touching and backup is None:
+                continue
+            if touching and not with_base and prefix.startswith(UNET_PREFIX) and all(is_low_rank_exact(m) for _, m in touching):
+                corrections[module] = [lambda x, m=m: m.forward(x, 0) for _, m in touching]
+                continue
+            weight_offset = torch.zeros_like(module.weight, dtype=torch.float32)
+            bias = getattr(module, "bias", None)
+            bias_offset = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+            if backup is not None:  # merged networks, non-stripped ones included, go onto the base too
+                weight_offset += module.weight.float() - backup.to(module.weight.device).float()
+                bias_backup = getattr(module, "network_bias_backup", None)
+                if bias_offset is not None and bias_backup is not None:
+                    bias_offset += bias.float() - bias_backup.to(bias.device).float()
+            for net, network_module in touching:
+                try:
+                    updown, ex_bias = network_module.calc_updown(module.weight)
+                except RuntimeError as error:  # as webui counts a network's failing layer (networks.py)
+                    if error_counts is not None:
+                        error_counts[net.name] = error_counts.get(net.name, 0) + 1
+                    log(f"LoRA {net.name} layer {layer_name}: {error}")
+                    continue
+                if updown.dim() == 4 and module.weight.dim() == 4 and updown.shape[1] == 4 and module.weight.shape[1] == 9:
+                    updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))  # inpainting UNet, as webui pads
+                weight_offset -= updown.float().reshape(module.weight.shape)
+                if ex_bias is not None and bias_offset is not None:
+                    bias_offset -= ex_bias.float()
+            offsets[f"{prefix}.weight"] = weight_offset
+            if bias_offset is not None:
+                offsets[f"{prefix}.bias"] = bias_offset
+    return offsets, corrections
+
+
 def infotext_params(settings, base_info):
-    params = {KEY_OMEGA: settings.omega, KEY_BASE: base_info.title}
+    params = {KEY_OMEGA: settings.omega}
+    if base_info is not None:
+        params[KEY_BASE] = base_info.title
+    if settings.strip_loras:
+        params[KEY_STRIP] = pg_settings.describe_strip(settings)
     if settings.schedule != "constant":
         params[KEY_SCHEDULE] = settings.schedule
         params[KEY_OMEGA_END] = settings.omega_end

@@ -90,6 +90,8 @@ class WeakLayer:
 
     `names` are the module's own parameter names; `ref` holds θ_ref (live dtype
     and device) for a scheduled ω, `fixed` holds θ_ω for the one constant ω.
+    A layer whose only difference is stripped low-rank networks holds no
+    tensors at all, just `corrections`.
     """
 
     module: torch.nn.Module
@@ -97,6 +99,7 @@ class WeakLayer:
     ref: tuple = None
     fixed: tuple = None
     fixed_omega: float = None
+    corrections: tuple = ()  # x -> Δy of stripped low-rank networks; weak rows add (ω − 1)·ΣΔy
 
     def live(self):
         return tuple(self.module._parameters[n] for n in self.names)
@@ -176,9 +179,16 @@ def check_compatible(live_shapes: dict, base_shapes: dict, base_name: str):
 
 
 def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, base_name: str = "base",
-                     device_for=None) -> WeakModel:
-    """Match the base state dict key by key against the live model and keep,
-    for each module whose weights differ, what the weak branch needs.
+                     device_for=None, offsets=None, corrections=None) -> WeakModel:
+    """Match the reference key by key against the live model and keep, for each
+    module whose weights differ, what the weak branch needs.
+
+    The reference θ_ref of a parameter is `base_state[key]` (a base checkpoint)
+    plus `offsets[key]` where given; without a base state only the keys in
+    `offsets` have a reference (θ_live + offset: the live model with LoRAs
+    stripped). `corrections` maps a UNet module to callables x -> Δy that give
+    its stripped networks' output contribution (low-rank: no weight copy); the
+    weak rows then get (ω − 1)·ΣΔy added instead.
 
     `settings_omega_key` is ("constant", ω) to store θ_ω itself (one copy of the
     differing weights), or ("scheduled",) to store θ_ref and interpolate per step.
@@ -187,10 +197,16 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     import time
 
     started = time.perf_counter()
+    offsets = offsets or {}
+    corrections = corrections or {}
     owners = live_parameters(model)
     live_shapes = {k: tuple(p.shape) for k, (_, _, p) in owners.items()}
-    base_shapes = {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")}
-    check_compatible(live_shapes, base_shapes, base_name)
+    if base_state is not None:
+        base_shapes = {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")}
+        check_compatible(live_shapes, base_shapes, base_name)
+        base_family = detect_family(base_shapes)
+    else:
+        base_family = "the active model without the stripped LoRAs"
 
     constant = settings_omega_key[0] == "constant"
     omega = settings_omega_key[1] if constant else None
@@ -200,11 +216,18 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     keep = {} if constant and omega >= 1.0 else owners
     with torch.no_grad():
         for key, (module, name, param) in keep.items():
+            if base_state is None and key not in offsets:
+                continue
             device = device_for(param) if device_for else param.device
-            ref = base_state[key].to(device=device, dtype=param.dtype)
             live = param.detach()
             if live.device != device:
                 live = live.to(device)
+            if base_state is not None:
+                ref = base_state[key].to(device=device, dtype=param.dtype)
+                if key in offsets:
+                    ref = (ref.float() + offsets[key].to(device).float()).to(param.dtype)
+            else:
+                ref = (live.float() + offsets[key].to(device).float()).to(param.dtype)
             if not differs(ref, live):
                 continue  # this part of the model is not personalized: nothing to do
             differing += param.numel() * param.element_size()
@@ -212,12 +235,15 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
             entry = by_module.setdefault(id(module), (module, key, []))
             entry[2].append((name, weak))
 
-    result = WeakModel(differing_bytes=differing, base_family=detect_family(base_shapes),
-                       live_family=detect_family(live_shapes))
+    live_family = detect_family(live_shapes)
+    result = WeakModel(differing_bytes=differing, base_family=base_family, live_family=live_family)
     for module, key, items in by_module.values():
         names = tuple(n for n, _ in items)
         tensors = tuple(t for _, t in items)
         layer = WeakLayer(module, names, fixed=tensors, fixed_omega=omega) if constant else WeakLayer(module, names, ref=tensors)
         (result.unet if key.startswith(UNET_PREFIX) else result.text).append(layer)
+    if not (constant and omega >= 1.0):
+        for module, deltas in corrections.items():
+            result.unet.append(WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=tuple(deltas)))
     result.build_seconds = time.perf_counter() - started
     return result

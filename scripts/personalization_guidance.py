@@ -55,6 +55,10 @@ class PersonalizationGuidanceScript(scripts.Script):
                                    label="Base checkpoint (the one your model was trained from)")
                 ui_common.create_refresh_button(base, sd_models.list_models,
                                                 lambda: {"choices": sd_models.checkpoint_tiles()}, f"{tab}_pg_base_refresh")
+            with gr.Row():
+                strip_loras = gr.Textbox(value="", elem_id=f"{tab}_pg_strip_loras", max_lines=1,
+                                         label="LoRAs to strip (names from the prompt, comma-separated; * = all)",
+                                         placeholder="e.g. mydog   (empty: use the base checkpoint only)")
             with gr.Accordion("Advanced", open=False):
                 weak_prompt = gr.Radio(list(pg_settings.WEAK_PROMPT_LABELS), value=_label(pg_settings.WEAK_PROMPT_LABELS, d.weak_prompt),
                                        elem_id=f"{tab}_pg_weak_prompt", label="Weak branch prompt")
@@ -70,16 +74,18 @@ class PersonalizationGuidanceScript(scripts.Script):
         self.infotext_fields = [
             (enabled, lambda params: k.KEY_OMEGA in params),
             (omega, k.KEY_OMEGA),
-            (base, k.KEY_BASE),
+            (base, lambda params: params.get(k.KEY_BASE, "") if k.KEY_OMEGA in params else None),
             (weak_prompt, lambda params: _label(pg_settings.WEAK_PROMPT_LABELS, params.get(k.KEY_WEAK_PROMPT, "negative")) if k.KEY_OMEGA in params else None),
             (schedule, lambda params: _label(pg_settings.SCHEDULE_LABELS, params.get(k.KEY_SCHEDULE, "constant")) if k.KEY_OMEGA in params else None),
             (omega_end, lambda params: params.get(k.KEY_OMEGA_END, params.get(k.KEY_OMEGA))),
             (start, _range_part(0)),
             (end, _range_part(1)),
+            (strip_loras, lambda params: params.get(k.KEY_STRIP, "") if k.KEY_OMEGA in params else None),
         ]
-        self.paste_field_names = [k.KEY_OMEGA, k.KEY_BASE, k.KEY_WEAK_PROMPT, k.KEY_SCHEDULE, k.KEY_OMEGA_END, k.KEY_RANGE]
+        self.paste_field_names = [k.KEY_OMEGA, k.KEY_BASE, k.KEY_WEAK_PROMPT, k.KEY_SCHEDULE, k.KEY_OMEGA_END,
+                                  k.KEY_RANGE, k.KEY_STRIP]
         # The order here is the API's positional order (lib_pg.settings.ARG_ORDER).
-        return [enabled, omega, base, weak_prompt, schedule, omega_end, start, end]
+        return [enabled, omega, base, weak_prompt, schedule, omega_end, start, end, strip_loras]
 
     def process(self, p, *args):
         webui_adapter.CONTROLLER.prepare(p, args)

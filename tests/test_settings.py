@@ -8,13 +8,15 @@ from lib_pg.schedule import in_active_range, omega_at
 
 
 def test_positional_args_in_ui_order():
-    got = s.from_script_args([True, 0.3, "base.safetensors", "Empty prompt", "Linear", 0.8, 0.1, 0.9])
-    assert got == s.PGSettings(True, 0.3, "base.safetensors", "empty", "linear", 0.8, 0.1, 0.9)
+    got = s.from_script_args([True, 0.3, "base.safetensors", "Empty prompt", "Linear", 0.8, 0.1, 0.9, "mydog, style"])
+    assert got == s.PGSettings(True, 0.3, "base.safetensors", "empty", "linear", 0.8, 0.1, 0.9, ("mydog", "style"))
+    # positional args of the foundation's 8 controls still parse (webui fills missing positions)
+    assert s.from_script_args([True, 0.3, "b"]).strip_loras == ()
 
 
 def test_ui_defaults_parse_to_defaults():
     # webui fills missing positions with the ui() defaults (labels for the radios)
-    ui_defaults = [False, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0]
+    ui_defaults = [False, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0, ""]
     assert s.from_script_args(ui_defaults) == s.DEFAULTS
 
 
@@ -35,13 +37,22 @@ def test_single_object_form_fills_missing_keys_with_defaults():
     ([{"omega_end": -0.1}], "'omega_end'"),
     ([{"start": 0.8, "end": 0.2}], "'start'"),
     ([{"omegaa": 0.3}], "unknown key(s) 'omegaa'"),
-    ([True, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0, "extra"], "at most 8 arguments"),
+    ([True, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0, "", "extra"], "at most 9 arguments"),
+    ([{"strip_loras": 3}], "'strip_loras'"),
 ])
 def test_bad_values_name_the_field(args, field):
     with pytest.raises(PGError) as info:
         s.from_script_args(args)
     assert field in str(info.value)
     assert str(info.value).startswith("Personalization Guidance: ")
+
+
+def test_strip_loras_forms():
+    assert s.from_mapping({"strip_loras": True}).strip_loras == ("*",)
+    assert s.from_mapping({"strip_loras": False}).strip_loras == ()
+    assert s.from_mapping({"strip_loras": ["mydog", " style "]}).strip_loras == ("mydog", "style")
+    assert s.from_mapping({"strip_loras": "*"}).strips_all_loras
+    assert s.describe_strip(s.from_mapping({"strip_loras": "a,b"})) == "a, b"
 
 
 def test_omega_key_distinguishes_constant_from_schedule():
