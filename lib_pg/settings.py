@@ -120,15 +120,25 @@ def from_mapping(values: dict, defaults: PGSettings = DEFAULTS) -> PGSettings:
     return settings
 
 
-def from_script_args(args) -> PGSettings:
+def from_script_args(args, overrides=None) -> PGSettings:
     """Parse what webui passes to the script: the UI's values by position, or
-    the API's single-object form, where the first argument is a dict."""
+    the API's single-object form, where the first argument is a dict.
+
+    `overrides` (e.g. from XYZ plot axes) replace individual keys; setting any
+    key but `enabled` that way turns PG on, unless `enabled` is overridden too.
+    """
     args = list(args)
     if args and isinstance(args[0], dict):
-        return from_mapping(args[0])
-    if len(args) > len(ARG_ORDER):
+        values = dict(args[0])
+    elif len(args) > len(ARG_ORDER):
         raise PGError(f"expected at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}")
-    return from_mapping(dict(zip(ARG_ORDER, args)))
+    else:
+        values = dict(zip(ARG_ORDER, args))
+    if overrides:
+        values.update(overrides)
+        if "enabled" not in overrides:
+            values["enabled"] = True
+    return from_mapping(values)
 
 
 def describe_strip(settings: PGSettings) -> str:

@@ -13,6 +13,7 @@ import time
 import torch
 
 from lib_pg import settings as pg_settings
+from lib_pg.checkpoints import FingerprintCache, find_base
 from lib_pg.errors import PGError
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version
 from lib_pg.patching import swapped_parameters
@@ -31,6 +32,17 @@ KEY_WEAK_PROMPT = "PG weak prompt"
 KEY_SKIPPED = "PG skipped"
 KEY_STRIP = "PG strip LoRAs"
 
+KEY_AUTO_DISTANCE = "PG base distance"
+
+INFOTEXT_KEYS = (KEY_OMEGA, KEY_OMEGA_END, KEY_SCHEDULE, KEY_RANGE, KEY_BASE, KEY_WEAK_PROMPT, KEY_SKIPPED, KEY_STRIP,
+                 KEY_AUTO_DISTANCE)
+
+# The base choice that picks the checkpoint closest to the active one.
+AUTOMATIC = "Automatic"
+
+# Where the XYZ plot's PG axes put their values on p (a dict of settings keys).
+XYZ_OVERRIDES = "pg_overrides"
+
 
 def log(message):
     print(f"[Personalization Guidance] {message}", file=sys.stderr if message.startswith("Error") else sys.stdout)
@@ -45,6 +57,7 @@ class Controller:
 
     def __init__(self):
         self.cache = WeakModelCache()
+        self.fingerprints = FingerprintCache()  # automatic base detection, per checkpoint file
         self.active_run = None  # the GuidanceRun of the sampling call in flight, if any
 
     # -- lifetime -------------------------------------------------------
@@ -53,6 +66,12 @@ class Controller:
 
     def shutdown(self):
         self.cache.clear()
+        self.fingerprints.clear()
+
+    def after_generation(self):
+        """Called from the script's postprocess(): honour "keep weak weights" off."""
+        if not getattr(shared.opts, "pg_keep_weak_weights", True):
+            self.cache.clear()
 
     # -- per generation --------------------------------------------------
     def prepare(self, p, script_args):
@@ -65,19 +84,25 @@ class Controller:
         console and the API response.
         """
         try:
-            settings = pg_settings.from_script_args(script_args)
+            settings = pg_settings.from_script_args(script_args, getattr(p, XYZ_OVERRIDES, None))
         except PGError as error:
             self._fail_on_sample(p, error)
             return
+        # XYZ plot cells are shallow copies of one p sharing this dict: drop
+        # what an earlier cell wrote there.
+        for key in INFOTEXT_KEYS:
+            p.extra_generation_params.pop(key, None)
         if not settings.enabled:
             self.cache.clear()  # disabled: the weak weights' memory goes back
             return
         try:
-            base_info = self._check_request(p, settings)
+            base_info, distance = self._check_request(p, settings)
         except PGError as error:
             self._fail_on_sample(p, error)
             return
         p.extra_generation_params.update(infotext_params(settings, base_info))
+        if distance is not None:
+            p.extra_generation_params[KEY_AUTO_DISTANCE] = round(distance, 3)
         original_sample = p.sample
 
         def sample_with_pg(*args, **kwargs):
@@ -97,12 +122,14 @@ class Controller:
         if not settings.base and not settings.strip_loras:
             raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from) "
                           "or LoRAs to strip ('strip_loras')")
-        info = None
-        if settings.base:
+        info, distance = None, None
+        model = shared.sd_model
+        if settings.base == AUTOMATIC:
+            info, distance = self._automatic_base(model)
+        elif settings.base:
             info = sd_models.get_closet_checkpoint_match(settings.base)
             if info is None:
                 raise PGError(f"unknown base checkpoint {settings.base!r} ('base'); use a name from webui's checkpoint list")
-        model = shared.sd_model
         if getattr(model, "cond_stage_key", None) == "edit":
             raise PGError("InstructPix2Pix-style edit models are not supported: their unconditional branch is an image-conditioned one")
         if getattr(shared.cmd_opts, "lowvram", False):
@@ -112,7 +139,21 @@ class Controller:
             raise PGError("a replacement UNet (SD Unet setting, e.g. TensorRT) is active; PG needs webui's own UNet")
         if info is not None and not os.path.isfile(info.filename):
             raise PGError(f"base checkpoint file not found: {info.filename}")
-        return info
+        return info, distance
+
+    def _automatic_base(self, model):
+        """The listed checkpoint closest to the active one in weight space
+        (a fixed sample of tensors, read lazily and cached per file)."""
+        active = getattr(model, "sd_checkpoint_info", None)
+        if active is None or not os.path.isfile(active.filename):
+            raise PGError("automatic base detection needs the active model's checkpoint file")
+        candidates = [info for info in sd_models.checkpoints_list.values() if info.filename != active.filename]
+        best, distance, _ranking = find_base(
+            active.filename, [info.filename for info in candidates], cache=self.fingerprints,
+            active_hash=getattr(active, "sha256", None), candidate_hashes=[getattr(info, "sha256", None) for info in candidates])
+        info = next(info for info in candidates if info.filename == best.path)
+        log(f"automatic base: {info.title} (relative distance {distance:.3f})")
+        return info, distance
 
     # -- the sampling call -----------------------------------------------
     def _sample(self, p, settings, base_info, original_sample, args, kwargs):
@@ -182,6 +223,12 @@ class Controller:
             raise PGError("not enough memory to read the base checkpoint and build the weak weights") from None
         finally:
             base_state = None
+        budget_mb = float(getattr(shared.opts, "pg_memory_budget_mb", 0) or 0)
+        if budget_mb > 0 and weak.extra_bytes > budget_mb * 2**20:
+            needed = weak.extra_bytes / 2**20
+            weak = None
+            raise PGError(f"the weak weights need {needed:.0f} MiB, above the memory budget of {budget_mb:.0f} MiB "
+                          "(Settings → Personalization Guidance)")
         self.cache.put(key, weak)
         source = base_info.title if base_info is not None else "the active model"
         if stripped:

@@ -42,7 +42,7 @@ class PersonalizationGuidanceScript(scripts.Script):
     def ui(self, is_img2img):
         # No side effects here: webui calls ui() again at API start-up for defaults.
         import gradio as gr
-        from modules import sd_models, ui_common
+        from modules import sd_models, shared, ui_common
 
         tab = "img2img" if is_img2img else "txt2img"
         d = pg_settings.DEFAULTS
@@ -51,10 +51,12 @@ class PersonalizationGuidanceScript(scripts.Script):
                 omega = gr.Slider(0.0, 1.0, value=d.omega, step=0.01, elem_id=f"{tab}_pg_omega",
                                   label="Weak model strength ω (lower = stronger pull toward your subject; 1 = plain CFG)")
             with gr.Row():
-                base = gr.Dropdown(choices=sd_models.checkpoint_tiles(), value="", elem_id=f"{tab}_pg_base",
+                base = gr.Dropdown(choices=["", webui_adapter.AUTOMATIC] + sd_models.checkpoint_tiles(),
+                                   value=getattr(shared.opts, "pg_default_base", "") or "", elem_id=f"{tab}_pg_base",
                                    label="Base checkpoint (the one your model was trained from)")
                 ui_common.create_refresh_button(base, sd_models.list_models,
-                                                lambda: {"choices": sd_models.checkpoint_tiles()}, f"{tab}_pg_base_refresh")
+                                                lambda: {"choices": ["", webui_adapter.AUTOMATIC] + sd_models.checkpoint_tiles()},
+                                                f"{tab}_pg_base_refresh")
             with gr.Row():
                 strip_loras = gr.Textbox(value="", elem_id=f"{tab}_pg_strip_loras", max_lines=1,
                                          label="LoRAs to strip (names from the prompt, comma-separated; * = all)",
@@ -90,6 +92,9 @@ class PersonalizationGuidanceScript(scripts.Script):
     def process(self, p, *args):
         webui_adapter.CONTROLLER.prepare(p, args)
 
+    def postprocess(self, p, processed, *args):
+        webui_adapter.CONTROLLER.after_generation()
+
 
 def _accordion(gr, tab):
     """webui's InputAccordion (enable box in the header) where it exists (1.7+)."""
@@ -97,7 +102,9 @@ def _accordion(gr, tab):
         from modules.ui_components import InputAccordion
     except ImportError:
         return _CheckboxAccordion(gr, tab)
-    return InputAccordion(False, label=TITLE, elem_id=f"{tab}_pg_enabled")
+    from modules import shared
+
+    return InputAccordion(False, label=TITLE, elem_id=f"{tab}_pg_enabled", open=bool(getattr(shared.opts, "pg_accordion_open", False)))
 
 
 class _CheckboxAccordion:
@@ -117,9 +124,79 @@ class _CheckboxAccordion:
 
 def _on_script_unloaded():
     webui_adapter.CONTROLLER.shutdown()
-    script_callbacks.remove_callbacks_for_function(webui_adapter.CONTROLLER.on_model_loaded)
-    script_callbacks.remove_callbacks_for_function(_on_script_unloaded)
+    for callback in (webui_adapter.CONTROLLER.on_model_loaded, _on_script_unloaded, _register_xyz_axes):
+        script_callbacks.remove_callbacks_for_function(callback)
 
 
 script_callbacks.on_model_loaded(webui_adapter.CONTROLLER.on_model_loaded)
 script_callbacks.on_script_unloaded(_on_script_unloaded)
+
+
+# -- the XYZ plot -----------------------------------------------------------
+def _xyz_apply(key, convert=lambda x: x):
+    def apply(p, value, _values):
+        overrides = dict(getattr(p, webui_adapter.XYZ_OVERRIDES, None) or {})  # p is a shallow copy per cell
+        overrides[key] = convert(value)
+        setattr(p, webui_adapter.XYZ_OVERRIDES, overrides)
+
+    return apply
+
+
+def _xyz_confirm_bases(_p, values):
+    from modules import sd_models
+
+    for value in values:
+        if value and sd_models.get_closet_checkpoint_match(value) is None:
+            raise RuntimeError(f"Unknown base checkpoint for [PG] Base checkpoint: {value}")
+
+
+def make_axis_options(xyz_grid):
+    """[PG] axes for webui's built-in XYZ plot (scripts/xyz_grid.py), whose
+    AxisOption(label, type, apply, format_value, confirm, cost, choices) the
+    grid uses as is. ω and base cost more than 0 so that grids iterate them in
+    the outer loop: the weak weights are rebuilt once per distinct value."""
+    from modules import sd_models
+
+    checkpoints = lambda: sorted(sd_models.checkpoints_list, key=str.casefold)  # noqa: E731
+    return [
+        xyz_grid.AxisOption("[PG] Enabled", str, _xyz_apply("enabled", lambda x: x == "True"),
+                            choices=xyz_grid.boolean_choice(reverse=True)),
+        xyz_grid.AxisOption("[PG] ω", float, _xyz_apply("omega"), cost=0.4),
+        xyz_grid.AxisOption("[PG] ω end", float, _xyz_apply("omega_end"), cost=0.3),
+        xyz_grid.AxisOption("[PG] Base checkpoint", str, _xyz_apply("base"), format_value=xyz_grid.format_remove_path,
+                            confirm=_xyz_confirm_bases, cost=0.8, choices=checkpoints),
+        xyz_grid.AxisOption("[PG] Weak prompt", str, _xyz_apply("weak_prompt"), choices=lambda: list(pg_settings.WEAK_PROMPTS)),
+        xyz_grid.AxisOption("[PG] Strip LoRAs", str, _xyz_apply("strip_loras"), cost=0.4),
+    ]
+
+
+def _register_xyz_axes():
+    xyz_grid = next((data.module for data in scripts.scripts_data if data.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz_grid is None:
+        return
+    present = {option.label for option in xyz_grid.axis_options}
+    xyz_grid.axis_options.extend(o for o in make_axis_options(xyz_grid) if o.label not in present)
+
+
+# -- Settings ---------------------------------------------------------------
+def _add_settings():
+    import gradio as gr
+    from modules import sd_models, shared
+
+    section = ("personalization_guidance", "Personalization Guidance")
+    options = {
+        "pg_default_base": shared.OptionInfo("", "Default base checkpoint ('Automatic': the closest checkpoint in weight space)",
+                                             gr.Dropdown, lambda: {"choices": ["", webui_adapter.AUTOMATIC] + sd_models.checkpoint_tiles()},
+                                             refresh=sd_models.list_models, section=section),
+        "pg_keep_weak_weights": shared.OptionInfo(True, "Keep the weak weights in memory between generations (faster; they hold memory while idle)",
+                                                  section=section),
+        "pg_memory_budget_mb": shared.OptionInfo(0, "Memory budget for the weak weights, MiB (0: no limit; above it the generation stops with a message)",
+                                                 gr.Number, {"precision": 0}, section=section),
+        "pg_accordion_open": shared.OptionInfo(False, "Open the Personalization Guidance accordion by default", section=section),
+    }
+    for key, info in options.items():
+        shared.opts.add_option(key, info)
+
+
+_add_settings()
+script_callbacks.on_before_ui(_register_xyz_axes)

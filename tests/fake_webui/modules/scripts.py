@@ -11,6 +11,7 @@ to lay out ``args_from``/``args_to`` like ScriptRunner.setup_ui), and builds
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 import re
 
 from modules import errors, script_callbacks
@@ -368,3 +369,8 @@ class ScriptRunner:
     # modules/scripts.py:ScriptRunner.script
     def script(self, title):
         return self.title_map.get(title.lower())
+
+
+# modules/scripts.py:ScriptClassData / scripts_data (the loaded script files; extensions find xyz_grid here)
+ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
+scripts_data = []
