@@ -51,9 +51,9 @@ def detect_family(shapes) -> str:
 
 
 def read_checkpoint(path: str):
-    """A safetensors or .ckpt file as a dict of CPU tensors, with the same key
-    clean-up webui applies (the `state_dict` nesting). Used outside webui
-    (tests, benchmark); inside webui the adapter passes webui's own loader."""
+    """A safetensors or .ckpt file as a dict of CPU tensors (a .ckpt's
+    `state_dict` nesting unwrapped). Used outside webui (tests, benchmark);
+    inside webui the adapter uses webui's own loader, with its key clean-up."""
     if not os.path.isfile(path):
         raise PGError(f"base checkpoint file not found: {path}")
     if path.lower().endswith(".safetensors"):
