@@ -80,6 +80,21 @@ def swapped_parameters(swaps):
             module._parameters[name] = original
 
 
+@contextmanager
+def swapped_attributes(changes):
+    """Set plain attributes for the duration of a call and put the previous
+    values back, whatever the call does. `changes`: (object, name, value)."""
+    saved = []
+    try:
+        for obj, name, value in changes:
+            saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, previous in reversed(saved):
+            setattr(obj, name, previous)
+
+
 def module_state_fingerprint(module):
     """Everything about a module tree that PG must leave as it found it:
     parameter/buffer identities and bytes, hooks, instance-level forwards.

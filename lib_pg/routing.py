@@ -10,6 +10,7 @@ conditional part runs with the live weights, the unconditional part with the
 weak weights, in the same forward (no extra model evaluation).
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +93,8 @@ def _routed_forward(module, layer, router, original):
         cond_out = original(x[:k], *args, **kwargs) if k else None
         weak_x = x[k:]
         weak = layer.tensors_at(split.omega)
-        with swapped_parameters((module, n, t) for n, t in zip(layer.names, weak)):
+        scope = layer.scope(split.omega) if layer.scope is not None else nullcontext()
+        with swapped_parameters((module, n, t) for n, t in zip(layer.names, weak)), scope:
             weak_out = original(weak_x, *args, **kwargs)
         if layer.corrections:
             # Stripped low-rank networks: their output contribution, scaled from

@@ -9,6 +9,7 @@ this module, not the core.
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -16,7 +17,7 @@ from lib_pg import settings as pg_settings
 from lib_pg.checkpoints import FingerprintCache, find_base
 from lib_pg.errors import PGError
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version
-from lib_pg.patching import swapped_parameters
+from lib_pg.patching import swapped_attributes, swapped_parameters
 from lib_pg.routing import text_encoder_swaps
 from lib_pg.weights import UNET_PREFIX, build_weak_model, live_parameters
 
@@ -210,13 +211,13 @@ class Controller:
         started = time.perf_counter()
         base_state = None
         try:
-            offsets, corrections = lora_reference(model, stripped, with_base=base_info is not None)
+            reference = lora_reference(model, stripped, with_base=base_info is not None)
             if base_info is not None:
                 base_state = sd_models.read_state_dict(base_info.filename, map_location="cpu")
             weak = build_weak_model(model, base_state, settings.omega_key,
                                     base_name=base_info.title if base_info is not None else "",
                                     device_for=lambda p: device if device is not None else p.device,
-                                    offsets=offsets, corrections=corrections)
+                                    **reference)
         except torch.cuda.OutOfMemoryError as error:
             raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
         except MemoryError:
@@ -277,7 +278,8 @@ class WeakConditioning:
             prompts = [""] * len(prompts)
         conditioning = prompt_parser.SdConditioning(list(prompts), width=width, height=height, is_negative_prompt=True)
         swaps = text_encoder_swaps(self.weak.text, omega) if omega < 1.0 else ()
-        with swapped_parameters(swaps), devices.autocast():
+        scope = self.weak.text_scope(omega) if self.weak.text_scope is not None and omega < 1.0 else nullcontext()
+        with swapped_parameters(swaps), scope, devices.autocast():
             return prompt_parser.get_learned_conditioning(self.model, conditioning, p.firstpass_steps, hires_steps,
                                                           shared.opts.use_old_scheduling)
 
@@ -301,13 +303,20 @@ def finalize_lora_weights(model):
     functional = getattr(shared.opts, "lora_functional", False)
     with torch.no_grad():
         for module in model.modules():
-            if getattr(module, "network_layer_name", None) is None:
+            # webui names every module, containers too; its patched forwards are these layers'
+            if getattr(module, "network_layer_name", None) is None or not isinstance(module, NETWORK_LAYER_TYPES):
                 continue
             if functional:
                 networks.network_restore_weights_from_backup(module)
                 networks.network_reset_cached_weight(module)
             else:
                 networks.network_apply_weights(module)
+
+
+# The layer types webui's Lora extension patches (extensions-builtin/Lora/lora_patches.py).
+NETWORK_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
+# Those whose weights PG can swap; a MultiheadAttention's networks stay at full strength in both branches.
+ROUTABLE_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def lora_networks():
@@ -370,9 +379,11 @@ def lora_reference(model, stripped, with_base):
     (`NetworkModule.calc_updown`, `forward`), never from reading LoRA files.
     """
     networks = lora_networks()
-    if networks is None:
-        return {}, {}
+    if networks is None or not networks.loaded_networks:
+        return {}
     merged = not getattr(shared.opts, "lora_functional", False)
+    if not merged:
+        return functional_reference(model, stripped)
     prefixes = {}
     for key, (module, name, _) in live_parameters(model).items():
         prefixes.setdefault(id(module), key[: -len(name) - 1])
@@ -382,7 +393,7 @@ def lora_reference(model, stripped, with_base):
         for module in model.modules():
             layer_name = getattr(module, "network_layer_name", None)
             prefix = prefixes.get(id(module))
-            if layer_name is None or prefix is None or isinstance(module, torch.nn.MultiheadAttention):
+            if layer_name is None or prefix is None or not isinstance(module, ROUTABLE_LAYER_TYPES):
                 continue
             touching = [(net, net.modules[layer_name]) for net in stripped if layer_name in net.modules]
             backup = getattr(module, "network_weights_backup", None) if merged and with_base else None
@@ -399,23 +410,68 @@ def lora_reference(model, stripped, with_base):
                 bias_backup = getattr(module, "network_bias_backup", None)
                 if bias_offset is not None and bias_backup is not None:
                     bias_offset += bias.float() - bias_backup.to(bias.device).float()
-            for net, network_module in touching:
-                try:
-                    updown, ex_bias = network_module.calc_updown(module.weight)
-                except RuntimeError as error:  # as webui counts a network's failing layer (networks.py)
-                    if error_counts is not None:
-                        error_counts[net.name] = error_counts.get(net.name, 0) + 1
-                    log(f"LoRA {net.name} layer {layer_name}: {error}")
+            for net, updown, ex_bias in network_deltas(module, layer_name, merged, stripped, error_counts) if touching else ():
+                if net not in stripped:
                     continue
-                if updown.dim() == 4 and module.weight.dim() == 4 and updown.shape[1] == 4 and module.weight.shape[1] == 9:
-                    updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))  # inpainting UNet, as webui pads
                 weight_offset -= updown.float().reshape(module.weight.shape)
                 if ex_bias is not None and bias_offset is not None:
                     bias_offset -= ex_bias.float()
             offsets[f"{prefix}.weight"] = weight_offset
             if bias_offset is not None:
                 offsets[f"{prefix}.bias"] = bias_offset
-    return offsets, corrections
+    return {"offsets": offsets, "corrections": corrections}
+
+
+def functional_reference(model, stripped):
+    """With webui's `lora_functional` option the networks are added in each
+    layer's forward (networks.py network_forward) from their multipliers: the
+    weak rows run that same forward with the stripped networks' multipliers
+    scaled by ω, exactly webui's own result at ω·m, for every network type."""
+    if not stripped:
+        return {}
+    multipliers = [(net, net.te_multiplier, net.unet_multiplier) for net in stripped]
+
+    def scope(omega):
+        return swapped_attributes([change for net, te, unet in multipliers
+                                   for change in ((net, "te_multiplier", te * omega), (net, "unet_multiplier", unet * omega))])
+
+    layer_names = set().union(*(net.modules for net in stripped))
+    unet_modules, text_touched = [], False
+    for key, (module, _name, _param) in live_parameters(model).items():
+        if getattr(module, "network_layer_name", None) in layer_names and isinstance(module, ROUTABLE_LAYER_TYPES):
+            if key.startswith(UNET_PREFIX):
+                if module not in unet_modules:
+                    unet_modules.append(module)
+            else:
+                text_touched = True
+    return {"scope": scope, "scoped_modules": unet_modules, "text_scope": scope if text_touched else None}
+
+
+def network_deltas(module, layer_name, merged, stripped, error_counts):
+    """(network, weight delta, bias delta) of every loaded network on this layer,
+    as webui computes them: merged mode chains them from the backed-up original
+    weight in load order (networks.py network_apply_weights), functional mode
+    computes each from the live weight (NetworkModule.forward)."""
+    networks = lora_networks()
+    backup = getattr(module, "network_weights_backup", None) if merged else None
+    weight = backup.to(module.weight.device) if backup is not None else module.weight
+    deltas = []
+    for net in networks.loaded_networks:
+        network_module = net.modules.get(layer_name)
+        if network_module is None:
+            continue
+        try:
+            updown, ex_bias = network_module.calc_updown(weight)
+        except RuntimeError as error:  # webui skipped (and counted) this layer too
+            if net in stripped and error_counts is not None:
+                error_counts[net.name] = error_counts.get(net.name, 0) + 1
+            continue
+        if updown.dim() == 4 and weight.dim() == 4 and updown.shape[1] == 4 and weight.shape[1] == 9:
+            updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))  # inpainting UNet, as webui pads
+        deltas.append((net, updown, ex_bias))
+        if merged:
+            weight = (weight.to(dtype=updown.dtype) + updown.reshape(weight.shape)).to(dtype=module.weight.dtype)
+    return deltas
 
 
 def infotext_params(settings, base_info):

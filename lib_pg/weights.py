@@ -100,6 +100,7 @@ class WeakLayer:
     fixed: tuple = None
     fixed_omega: float = None
     corrections: tuple = ()  # x -> Δy of stripped low-rank networks; weak rows add (ω − 1)·ΣΔy
+    scope: object = None  # ω -> context manager the weak rows run in (e.g. network multipliers set to ω·m)
 
     def live(self):
         return tuple(self.module._parameters[n] for n in self.names)
@@ -138,6 +139,7 @@ class WeakModel:
     text: list = field(default_factory=list)
     differing_bytes: int = 0
     build_seconds: float = 0.0
+    text_scope: object = None  # ω -> context manager for the weak text encoder's call, if any
     base_family: str = ""
     live_family: str = ""
 
@@ -147,7 +149,7 @@ class WeakModel:
 
     @property
     def text_differs(self) -> bool:
-        return bool(self.text)
+        return bool(self.text) or self.text_scope is not None
 
 
 def live_parameters(model: torch.nn.Module):
@@ -179,7 +181,8 @@ def check_compatible(live_shapes: dict, base_shapes: dict, base_name: str):
 
 
 def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, base_name: str = "base",
-                     device_for=None, offsets=None, corrections=None) -> WeakModel:
+                     device_for=None, offsets=None, corrections=None, scope=None, scoped_modules=(),
+                     text_scope=None) -> WeakModel:
     """Match the reference key by key against the live model and keep, for each
     module whose weights differ, what the weak branch needs.
 
@@ -188,7 +191,11 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     `offsets` have a reference (θ_live + offset: the live model with LoRAs
     stripped). `corrections` maps a UNet module to callables x -> Δy that give
     its stripped networks' output contribution (low-rank: no weight copy); the
-    weak rows then get (ω − 1)·ΣΔy added instead.
+    weak rows then get (ω − 1)·ΣΔy added instead. `scope(ω)` is a context the
+    weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
+    that need routing for it even where no weight differs (networks applied in
+    forward, whose multipliers the scope sets); `text_scope(ω)` likewise wraps
+    the weak text encoder's call.
 
     `settings_omega_key` is ("constant", ω) to store θ_ω itself (one copy of the
     differing weights), or ("scheduled",) to store θ_ref and interpolate per step.
@@ -245,5 +252,12 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     if not (constant and omega >= 1.0):
         for module, deltas in corrections.items():
             result.unet.append(WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=tuple(deltas)))
+        routed = {id(layer.module) for layer in result.unet}
+        for module in scoped_modules:
+            if id(module) not in routed:
+                result.unet.append(WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega))
+        for layer in result.unet:
+            layer.scope = scope
+        result.text_scope = text_scope
     result.build_seconds = time.perf_counter() - started
     return result

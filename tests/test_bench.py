@@ -2,7 +2,8 @@
 
 from bench import run as bench
 
-KEYS = {"ratio_checkpoint", "ratio_lora", "evals_equal", "build_s", "read_s", "cache_hit_ms", "extra_mem_ratio"}
+KEYS = {"ratio_checkpoint", "ratio_lora", "evals_equal", "build_s", "read_s", "cache_hit_ms", "extra_mem_ratio",
+        "lora_extra_mem_ratio"}
 
 
 def test_tiny_benchmark_reports_every_key_and_equal_evaluations(capsys):
@@ -10,5 +11,6 @@ def test_tiny_benchmark_reports_every_key_and_equal_evaluations(capsys):
     assert KEYS <= set(result)
     assert result["evals_equal"] is True
     assert result["extra_mem_ratio"] == 1.0  # constant ω: exactly one copy of the differing weights
+    assert result["lora_extra_mem_ratio"] == 0.0  # low-rank corrections: no weight copy at all
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("{") and '"evals_equal": true' in last_line
