@@ -76,6 +76,36 @@ def step_inputs(unet, batch, latent, device, dtype):
     return x, t, c, uc, y
 
 
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+
+def make_lora(unet, rank, device, dtype, seed=2):
+    """A subject LoRA of the usual kohya layout (every attention, projection and
+    feed-forward layer of the transformer blocks) as webui's NetworkModuleLora
+    holds it: down/up layers whose output contribution is up(down(x))·scale.
+    Returns (corrections for the weak model, bytes of the LoRA's weights)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    corrections, nbytes = {}, 0
+    for name, module in unet.named_modules():
+        if not (isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LORA_TARGETS)):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            down = torch.nn.Linear(module.in_features, rank, bias=False)
+            up = torch.nn.Linear(rank, module.out_features, bias=False)
+        else:  # proj_in/proj_out as 1x1 convolutions (SD 1.x)
+            down = torch.nn.Conv2d(module.in_channels, rank, 1, bias=False)
+            up = torch.nn.Conv2d(rank, module.out_channels, 1, bias=False)
+        with torch.no_grad():
+            down.weight.copy_(torch.randn(down.weight.shape, generator=g) * 0.01)
+            up.weight.copy_(torch.randn(up.weight.shape, generator=g) * 0.01)
+        down.to(device, dtype)
+        up.to(device, dtype)
+        nbytes += sum(p.numel() * p.element_size() for p in (down.weight, up.weight))
+        corrections[module] = [lambda x, down=down, up=up: up(down(x))]
+    return corrections, nbytes
+
+
 def denoiser_step(unet, run, inputs, batch_cond_uncond):
     """One CFG denoiser step as webui evaluates it (modules/sd_samplers_cfg_denoiser.py):
     rows [cond; uncond], in one UNet call or in two calls of the batch size."""
@@ -121,7 +151,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    latent = args.latent or (8 if args.tiny else 32 if args.quick else 128 if args.family == "sdxl" else 64)
+    # --quick: 48 (384 px). At 32 the deepest level is 4x4 and PyTorch's CPU
+    # convolution picks its slow non-mkldnn kernel for batch-1 inputs that small
+    # (see bench/RESULTS.md), which no real image size reaches.
+    latent = args.latent or (8 if args.tiny else 48 if args.quick else 128 if args.family == "sdxl" else 64)
     rounds = args.rounds or (2 if args.tiny else 5)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,4")).split(",")]
     torch.set_grad_enabled(False)
@@ -179,11 +212,23 @@ def main(argv=None):
         assert cache.get(key()) is weak
         hits.append((time.perf_counter() - t0) * 1000)
 
+    # PG stripping a LoRA: low-rank corrections on the weak rows, no weight copy.
+    # (A merged LoRA leaves CFG's cost unchanged, so plain CFG is its baseline.)
+    loras = {}
+    for rank in (16, 128):
+        corrections, lora_bytes = make_lora(unet, rank, device, dtype)
+        weak_lora = build_weak_model(live, None, settings.omega_key, corrections=corrections)
+        loras[rank] = (weak_lora, lora_bytes)
+        print(f"LoRA rank {rank}: {len(corrections)} layers, {lora_bytes / 2**20:.1f} MiB of LoRA weights, "
+              f"PG extra memory {weak_lora.extra_bytes / 2**20:.1f} MiB", flush=True)
+
     variants = {
         "cfg": lambda: nullcontext(None),
         "pg_checkpoint": lambda: GuidanceRun(unet, weak, settings),
+        "pg_lora16": lambda: GuidanceRun(unet, loras[16][0], settings),
+        "pg_lora128": lambda: GuidanceRun(unet, loras[128][0], settings),
     }
-    rows, ratios, evals_equal = [], {"pg_checkpoint": []}, True
+    rows, ratios, evals_equal = [], {name: [] for name in variants if name != "cfg"}, True
     for batch in batch_sizes:
         inputs = step_inputs(unet, batch, latent, device, dtype)
         for bcu in (True, False):
@@ -206,7 +251,8 @@ def main(argv=None):
         "machine": platform.node(), "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "family": "tiny" if args.tiny else args.family, "dtype": args.dtype, "latent": latent, "rounds": rounds,
         "ratio_checkpoint": max(ratios["pg_checkpoint"]),
-        "ratio_lora": None,  # the LoRA-stripped weak model is issue #3's; see bench/RESULTS.md
+        "ratio_lora": max(ratios["pg_lora16"] + ratios["pg_lora128"]),
+        "lora_extra_mem_ratio": max(w.extra_bytes / b for w, b in loras.values()),
         "evals_equal": evals_equal,
         "build_s": statistics.median(builds), "read_s": statistics.median(reads),
         "cache_hit_ms": statistics.median(hits),
@@ -214,11 +260,12 @@ def main(argv=None):
         "differing_mib": weak.differing_bytes / 2**20, "file_mib": file_bytes / 2**20,
     }
     print()
-    print("| batch | batch_cond_uncond | CFG ms | PG (checkpoint) ms | ratio | evals CFG/PG |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | batch_cond_uncond | CFG ms | PG checkpoint ms (ratio) | PG LoRA r16 ms (ratio) | PG LoRA r128 ms (ratio) | evals per step |")
+    print("|---|---|---|---|---|---|---|")
     for batch, bcu, medians, evals in rows:
-        print(f"| {batch} | {'on' if bcu else 'off'} | {medians['cfg'] * 1000:.1f} | {medians['pg_checkpoint'] * 1000:.1f} | "
-              f"{medians['pg_checkpoint'] / medians['cfg']:.3f} | {evals['cfg']}/{evals['pg_checkpoint']} |")
+        cells = " | ".join(f"{medians[n] * 1000:.1f} ({medians[n] / medians['cfg']:.3f})" for n in ("pg_checkpoint", "pg_lora16", "pg_lora128"))
+        print(f"| {batch} | {'on' if bcu else 'off'} | {medians['cfg'] * 1000:.1f} | {cells} | "
+              f"{'/'.join(str(evals[n]) for n in variants)} |")
     print(f"\nweak build {result['build_s']:.2f} s vs read {result['read_s']:.2f} s "
           f"({result['build_s'] / result['read_s']:.2f}x); cache hit {result['cache_hit_ms']:.2f} ms; "
           f"extra memory {result['extra_mem_ratio']:.3f} x the differing weights ({result['differing_mib']:.0f} MiB)")
