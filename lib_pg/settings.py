@@ -9,7 +9,7 @@ from lib_pg.schedule import SCHEDULES
 WEAK_PROMPTS = ("negative", "empty")
 
 # UI labels map to the API's short values; both are accepted everywhere.
-WEAK_PROMPT_LABELS = {"Negative prompt": "negative", "Empty prompt": "empty"}
+WEAK_PROMPT_LABELS = {"Negative prompt (as CFG)": "negative", "Empty prompt (as the paper)": "empty"}
 SCHEDULE_LABELS = {"Constant": "constant", "Linear": "linear", "Cosine": "cosine"}
 
 
@@ -68,7 +68,8 @@ def _fraction(name, value):
 
 def _choice(name, value, allowed, labels):
     if isinstance(value, str):
-        short = labels.get(value, value.lower())
+        # a UI label, the API's short value, or a label's first word ("Negative prompt")
+        short = labels.get(value) or (value.split()[0].lower() if value.strip() else "")
         if short in allowed:
             return short
     raise PGError(f"'{name}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")

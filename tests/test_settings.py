@@ -8,7 +8,7 @@ from lib_pg.schedule import in_active_range, omega_at
 
 
 def test_positional_args_in_ui_order():
-    got = s.from_script_args([True, 0.3, "base.safetensors", "Empty prompt", "Linear", 0.8, 0.1, 0.9, "mydog, style"])
+    got = s.from_script_args([True, 0.3, "base.safetensors", "Empty prompt (as the paper)", "Linear", 0.8, 0.1, 0.9, "mydog, style"])
     assert got == s.PGSettings(True, 0.3, "base.safetensors", "empty", "linear", 0.8, 0.1, 0.9, ("mydog", "style"))
     # positional args of the foundation's 8 controls still parse (webui fills missing positions)
     assert s.from_script_args([True, 0.3, "b"]).strip_loras == ()
@@ -16,7 +16,7 @@ def test_positional_args_in_ui_order():
 
 def test_ui_defaults_parse_to_defaults():
     # webui fills missing positions with the ui() defaults (labels for the radios)
-    ui_defaults = [False, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0, ""]
+    ui_defaults = [False, 0.5, "", "Negative prompt (as CFG)", "Constant", 0.5, 0.0, 1.0, ""]
     assert s.from_script_args(ui_defaults) == s.DEFAULTS
 
 
@@ -45,6 +45,12 @@ def test_bad_values_name_the_field(args, field):
         s.from_script_args(args)
     assert field in str(info.value)
     assert str(info.value).startswith("Personalization Guidance: ")
+
+
+def test_labels_short_values_and_first_words_are_accepted():
+    for value in ("Negative prompt (as CFG)", "negative", "Negative prompt"):
+        assert s.from_mapping({"weak_prompt": value}).weak_prompt == "negative"
+    assert s.from_mapping({"schedule": "Cosine"}).schedule == "cosine"
 
 
 def test_strip_loras_forms():
