@@ -93,6 +93,8 @@ class Controller:
         # what an earlier cell wrote there.
         for key in INFOTEXT_KEYS:
             p.extra_generation_params.pop(key, None)
+        if hasattr(p.sample, "pg_original"):  # a p processed again (e.g. by another script) is wrapped once
+            p.sample = p.sample.pg_original
         if not settings.enabled:
             self.cache.clear()  # disabled: the weak weights' memory goes back
             return
@@ -104,11 +106,12 @@ class Controller:
         p.extra_generation_params.update(infotext_params(settings, base_info))
         if distance is not None:
             p.extra_generation_params[KEY_AUTO_DISTANCE] = round(distance, 3)
-        original_sample = p.sample
+        original_sample = unwrapped_sample(p)
 
         def sample_with_pg(*args, **kwargs):
             return self._sample(p, settings, base_info, original_sample, args, kwargs)
 
+        sample_with_pg.pg_original = original_sample
         p.sample = sample_with_pg  # an instance attribute of this generation's p only
 
     def _fail_on_sample(self, p, error):
@@ -117,6 +120,7 @@ class Controller:
         def refuse(*_args, **_kwargs):
             raise error
 
+        refuse.pg_original = unwrapped_sample(p)
         p.sample = refuse
 
     def _check_request(self, p, settings):
@@ -282,6 +286,11 @@ class WeakConditioning:
         with swapped_parameters(swaps), scope, devices.autocast():
             return prompt_parser.get_learned_conditioning(self.model, conditioning, p.firstpass_steps, hires_steps,
                                                           shared.opts.use_old_scheduling)
+
+
+def unwrapped_sample(p):
+    """p.sample without PG's wrapper, if an earlier prepare() put one there."""
+    return getattr(p.sample, "pg_original", p.sample)
 
 
 def compute_device(model):

@@ -318,3 +318,17 @@ def test_infotext_pastes_back_every_control(env):
     # an infotext without PG turns PG off and leaves the other controls alone
     plain = infotext_utils.parse_generation_parameters("a dog\nSteps: 3, Seed: 1")
     assert [key(plain) if callable(key) else plain.get(key) for _, key in script.infotext_fields][0] is False
+
+
+def test_a_p_processed_twice_is_wrapped_once(env):
+    from modules import processing
+
+    runner = scripts.ScriptRunner()
+    script = runner.add_script(env.script_module.PersonalizationGuidanceScript)
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a dog", steps=2, width=32, height=32, seed=1, sampler_name="Euler",
+                                                    scripts=runner, script_args=runner.make_script_args({script: pg_args(0.3)}))
+    webui_adapter.CONTROLLER.prepare(p, pg_args(0.3))
+    webui_adapter.CONTROLLER.prepare(p, pg_args(0.3))
+    assert not hasattr(p.sample.pg_original, "pg_original")
+    webui_adapter.CONTROLLER.prepare(p, [False])
+    assert not hasattr(p.sample, "pg_original")
