@@ -151,11 +151,11 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    # --quick: 48 (384 px). At 32 the deepest level is 4x4 and PyTorch's CPU
+    # --quick: 40 (320 px). At 32 the deepest level is 4x4 and PyTorch's CPU
     # convolution picks its slow non-mkldnn kernel for batch-1 inputs that small
     # (see bench/RESULTS.md), which no real image size reaches.
-    latent = args.latent or (8 if args.tiny else 48 if args.quick else 128 if args.family == "sdxl" else 64)
-    rounds = args.rounds or (2 if args.tiny else 5)
+    latent = args.latent or (8 if args.tiny else 40 if args.quick else 128 if args.family == "sdxl" else 64)
+    rounds = args.rounds or (2 if args.tiny else 3 if args.quick else 5)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,4")).split(",")]
     torch.set_grad_enabled(False)
 
