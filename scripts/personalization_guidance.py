@@ -33,6 +33,13 @@ def _range_part(index):
 class PersonalizationGuidanceScript(scripts.Script):
     sorting_priority = 15
 
+    def __init__(self):
+        super().__init__()
+        # webui builds the scripts' UIs (xyz_grid's axis list included) before
+        # its on_before_ui callbacks when started API-only (--nowebui): register
+        # the [PG] axes as soon as webui instantiates the scripts, too.
+        _register_xyz_axes()
+
     def title(self):
         return TITLE
 

@@ -27,6 +27,7 @@ def axis(label):
 
 
 def test_axes_are_registered_once_before_the_ui(env):
+    env.script_module.PersonalizationGuidanceScript()  # webui instantiates scripts (API-only: before before_ui)
     script_callbacks.before_ui_callback()
     script_callbacks.before_ui_callback()
     labels = [o.label for o in xyz_grid_fake.axis_options]

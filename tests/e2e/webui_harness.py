@@ -126,6 +126,37 @@ def ensure_checkpoints():
     return time.perf_counter() - started
 
 
+# ---- LoRA files ------------------------------------------------------------------------------
+def lora_dir():
+    return os.path.join(webui_path(), "models", "Lora")
+
+
+def install_lora(name, checkpoint="tiny-sd15-ft", **options):
+    """Write tests/e2e/make_tiny_lora.py's LoRA for `checkpoint` as models/Lora/<name>.safetensors.
+    Returns (path, created, {kohya layer name: module path}): created is False when an identical
+    file was already there (then leave it at teardown); a different file of that name is an error
+    (the tests would run someone else's LoRA)."""
+    try:
+        from . import make_tiny_lora
+    except ImportError:  # imported as a top-level module
+        import make_tiny_lora
+    os.makedirs(lora_dir(), exist_ok=True)
+    path = os.path.join(lora_dir(), name + ".safetensors")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".part", dir=lora_dir())  # not a name webui lists
+    os.close(fd)
+    try:
+        layers = make_tiny_lora.write_lora(os.path.join(models_dir(), checkpoint + ".safetensors"), tmp, name=name, **options)
+        if os.path.exists(path):
+            if sha256_file(path) != sha256_file(tmp):
+                raise RuntimeError(f"{path} exists and is not the tests' LoRA: remove it or rename it")
+            return path, False, layers
+        os.replace(tmp, path)
+        return path, True, layers
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # ---- the extension link -----------------------------------------------------------------------
 def link_extension():
     """Symlink this repository into webui's extensions folder. Returns the link path if we made it, else None."""
@@ -154,13 +185,15 @@ def free_port():
 class WebuiServer:
     """webui API-only on a free loopback port, in its own process group."""
 
-    def __init__(self, checkpoint="tiny-sd15-ft"):
+    def __init__(self, checkpoint="tiny-sd15-ft", ui=False):
+        """ui=False: API only (--nowebui); ui=True: the gradio UI too (--api), as most users run it."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         fd, self.log_path = tempfile.mkstemp(prefix="pg-e2e-webui-", suffix=".log")
         os.close(fd)
         ckpt = os.path.join(models_dir(), checkpoint + ".safetensors")
-        self.command = [webui_python(), "launch.py", *CPU_FLAGS, "--server-name", "127.0.0.1",
+        flags = [flag for flag in CPU_FLAGS if not (ui and flag == "--nowebui")]
+        self.command = [webui_python(), "launch.py", *flags, "--server-name", "127.0.0.1",
                         "--port", str(self.port), "--ckpt", ckpt,
                         *shlex.split(os.environ.get("SD_WEBUI_EXTRA_ARGS", ""))]
         self.process = None
