@@ -1,7 +1,7 @@
 """The state of PG: the cache of weak weights (lives across generations) and
 one guided sampling run (lives exactly as long as a sampling call)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lib_pg.patching import LivePatch
 from lib_pg.routing import StepRouter, install_routing
@@ -53,7 +53,7 @@ class RunReport:
     unguided_steps: int = 0  # ω = 1 (outside the active range)
     steps_without_uncond: int = 0  # webui skipped the unconditional pass (NGMS, skip early CFG)
     steps_other_model: int = 0  # a refiner or hires checkpoint PG was not built for
-    notes: list = field(default_factory=list)
+    unplanned_unet_calls: int = 0  # UNet calls beyond the denoiser's rows (another extension's): left alone
 
 
 class GuidanceRun:
@@ -82,12 +82,9 @@ class GuidanceRun:
 
     def __exit__(self, *exc):
         self._close_step()
+        self.report.unplanned_unet_calls = self.router.unexpected_calls
         self._patch.restore()
         return False
-
-    @property
-    def installed(self) -> bool:
-        return self._patch.active
 
     def omega_for(self, step: int, total_steps: int) -> float:
         s = self.settings

@@ -25,10 +25,6 @@ class LivePatch:
         self.restore()
         return False
 
-    @property
-    def active(self) -> bool:
-        return bool(self._undo)
-
     def set_attribute(self, obj, name, value):
         """Set an instance attribute, remembering whether the instance had its own."""
         previous = obj.__dict__.get(name, _ABSENT)
@@ -38,9 +34,6 @@ class LivePatch:
     def keep_handle(self, handle):
         """Own a torch hook handle (or anything with .remove())."""
         self._undo.append(handle.remove)
-
-    def call_on_restore(self, undo):
-        self._undo.append(undo)
 
     def restore(self):
         errors = []

@@ -506,6 +506,8 @@ def skipped_note(report, generation_params):
         parts.append(f"{report.steps_without_uncond} steps without unconditional pass ({'/'.join(why)})")
     if report.steps_other_model:
         parts.append(f"{report.steps_other_model} steps on another checkpoint (refiner/hires)")
+    if report.unplanned_unet_calls:
+        parts.append(f"{report.unplanned_unet_calls} extra UNet calls by another extension ran without PG")
     return "; ".join(parts)
 
 
