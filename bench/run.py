@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version  # noqa: E402
 from lib_pg.settings import PGSettings  # noqa: E402
-from lib_pg.weights import build_weak_model, read_checkpoint  # noqa: E402
+from lib_pg.weights import LowRankDelta, build_weak_model, read_checkpoint  # noqa: E402
 from tests import ldm_models  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -102,8 +102,16 @@ def make_lora(unet, rank, device, dtype, seed=2):
         down.to(device, dtype)
         up.to(device, dtype)
         nbytes += sum(p.numel() * p.element_size() for p in (down.weight, up.weight))
-        corrections[module] = [lambda x, down=down, up=up: up(down(x))]
+        layer_bytes = sum(p.numel() * p.element_size() for p in (down.weight, up.weight))
+        corrections[module] = [LowRankDelta(output=lambda x, down=down, up=up: up(down(x)),
+                                            weight=lambda down=down, up=up, m=module: lora_weight(down, up, m),
+                                            nbytes=layer_bytes)]
     return corrections, nbytes
+
+
+def lora_weight(down, up, module):
+    """The merged delta up·down, shaped like the layer's weight."""
+    return (up.weight.flatten(1) @ down.weight.flatten(1)).reshape(module.weight.shape)
 
 
 def denoiser_step(unet, run, inputs, batch_cond_uncond):
@@ -219,8 +227,9 @@ def main(argv=None):
         corrections, lora_bytes = make_lora(unet, rank, device, dtype)
         weak_lora = build_weak_model(live, None, settings.omega_key, corrections=corrections)
         loras[rank] = (weak_lora, lora_bytes)
-        print(f"LoRA rank {rank}: {len(corrections)} layers, {lora_bytes / 2**20:.1f} MiB of LoRA weights, "
-              f"PG extra memory {weak_lora.extra_bytes / 2**20:.1f} MiB", flush=True)
+        copied = sum(1 for layer in weak_lora.unet if layer.names)
+        print(f"LoRA rank {rank}: {len(corrections)} layers ({copied} as weight copies, the rest low-rank), "
+              f"{lora_bytes / 2**20:.1f} MiB of LoRA weights, PG extra memory {weak_lora.extra_bytes / 2**20:.1f} MiB", flush=True)
 
     variants = {
         "cfg": lambda: nullcontext(None),

@@ -19,7 +19,7 @@ from lib_pg.errors import PGError
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version
 from lib_pg.patching import swapped_attributes, swapped_parameters
 from lib_pg.routing import text_encoder_swaps
-from lib_pg.weights import UNET_PREFIX, build_weak_model, live_parameters
+from lib_pg.weights import UNET_PREFIX, LowRankDelta, build_weak_model, live_parameters
 
 from modules import devices, prompt_parser, script_callbacks, sd_models, sd_samplers, shared  # noqa: E402
 
@@ -378,6 +378,13 @@ def is_low_rank_exact(network_module):
             and network_module.network.dyn_dim is None)
 
 
+def low_rank_delta(layer, network_module):
+    """A plain LoRA's contribution to `layer`, from webui's NetworkModuleLora."""
+    nbytes = sum(w.numel() * w.element_size() for w in (network_module.up_model.weight, network_module.down_model.weight))
+    return LowRankDelta(output=lambda x: network_module.forward(x, 0),
+                        weight=lambda: network_module.calc_updown(layer.weight)[0], nbytes=nbytes)
+
+
 def lora_reference(model, stripped, with_base):
     """The reference θ_ref as offsets to add (per checkpoint key), and the
     low-rank corrections, from webui's Lora extension state.
@@ -409,7 +416,7 @@ def lora_reference(model, stripped, with_base):
             if not touching and backup is None:
                 continue
             if touching and not with_base and prefix.startswith(UNET_PREFIX) and all(is_low_rank_exact(m) for _, m in touching):
-                corrections[module] = [lambda x, m=m: m.forward(x, 0) for _, m in touching]
+                corrections[module] = [low_rank_delta(module, m) for _, m in touching]
                 continue
             weight_offset = torch.zeros_like(module.weight, dtype=torch.float32)
             bias = getattr(module, "bias", None)

@@ -131,6 +131,29 @@ def interpolate(ref: torch.Tensor, live: torch.Tensor, omega: float) -> torch.Te
     return torch.lerp(ref.float(), live.float(), omega).to(live.dtype)  # e.g. webui's fp8 weight storage
 
 
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A stripped network's contribution to one layer, in its low-rank form.
+
+    `output(x)` is its contribution to the layer's output for input x and
+    `weight()` the full weight delta it merges, both at its multiplier;
+    `nbytes` is the size of the network's own weights for this layer."""
+
+    output: object
+    weight: object
+    nbytes: int
+
+
+def prefer_weight_copy(module: torch.nn.Module, deltas) -> bool:
+    """Whether a layer is better served by a copy of its weak weight than by
+    low-rank corrections: when the copy is no bigger than twice the networks'
+    own weights for it (the memory the LoRA mode may spend), which is exactly
+    where the low rank is large next to the layer and the corrections cost most.
+    """
+    weight = module.weight
+    return weight.numel() * weight.element_size() <= 2 * sum(d.nbytes for d in deltas)
+
+
 @dataclass
 class WeakModel:
     """The weights that differ between the live model and the reference."""
@@ -189,9 +212,9 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     The reference θ_ref of a parameter is `base_state[key]` (a base checkpoint)
     plus `offsets[key]` where given; without a base state only the keys in
     `offsets` have a reference (θ_live + offset: the live model with LoRAs
-    stripped). `corrections` maps a UNet module to callables x -> Δy that give
-    its stripped networks' output contribution (low-rank: no weight copy); the
-    weak rows then get (ω − 1)·ΣΔy added instead. `scope(ω)` is a context the
+    stripped). `corrections` maps a UNet module to the `LowRankDelta`s of its
+    stripped networks: the weak rows get (ω − 1)·ΣΔy added (no weight copy),
+    except where `prefer_weight_copy` says a copy of the layer is cheaper. `scope(ω)` is a context the
     weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
     that need routing for it even where no weight differs (networks applied in
     forward, whose multipliers the scope sets); `text_scope(ω)` likewise wraps
@@ -204,9 +227,16 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     import time
 
     started = time.perf_counter()
-    offsets = offsets or {}
-    corrections = corrections or {}
+    offsets = dict(offsets or {})
+    corrections = dict(corrections or {})
     owners = live_parameters(model)
+    prefixes = {id(module): key[: -len(name) - 1] for key, (module, name, _) in owners.items()}
+    with torch.no_grad():
+        for module, deltas in list(corrections.items()):
+            if prefer_weight_copy(module, deltas):
+                del corrections[module]
+                key = f"{prefixes[id(module)]}.weight"
+                offsets[key] = offsets.get(key, 0) - sum(d.weight().float().reshape(module.weight.shape) for d in deltas)
     live_shapes = {k: tuple(p.shape) for k, (_, _, p) in owners.items()}
     if base_state is not None:
         base_shapes = {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")}
@@ -251,7 +281,8 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
         (result.unet if key.startswith(UNET_PREFIX) else result.text).append(layer)
     if not (constant and omega >= 1.0):
         for module, deltas in corrections.items():
-            result.unet.append(WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=tuple(deltas)))
+            outputs = tuple(d.output for d in deltas)
+            result.unet.append(WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=outputs))
         routed = {id(layer.module) for layer in result.unet}
         for module in scoped_modules:
             if id(module) not in routed:

@@ -130,3 +130,26 @@ def test_swapped_parameters_put_the_same_objects_back():
     with swapped_parameters([(layer, "weight", torch.zeros(2, 2))]):
         assert torch.count_nonzero(layer.weight) == 0
     assert layer.weight is weight
+
+
+@pytest.mark.parametrize("rank, copied", [(1, False), (16, True)])
+def test_low_rank_strip_uses_corrections_or_a_copy_within_twice_the_lora_size(rank, copied):
+    from lib_pg.weights import LowRankDelta
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    unet = holder.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    layer = unet[0]
+    down, up = torch.randn(rank, 16) * 0.1, torch.randn(16, rank) * 0.1
+    delta = LowRankDelta(output=lambda x: x @ down.T @ up.T, weight=lambda: up @ down, nbytes=(down.numel() + up.numel()) * 4)
+    with torch.no_grad():
+        layer.weight.add_(up @ down)  # the LoRA merged into the live weights, as webui does
+    weak = build_weak_model(holder, None, ("constant", 0.25), corrections={layer: [delta]})
+    assert (weak.extra_bytes > 0) == copied and weak.extra_bytes <= 2 * delta.nbytes
+    x = torch.randn(4, 16)
+    with torch.no_grad(), GuidanceRun(unet, weak, PGSettings(True, 0.25)) as run:
+        run.begin_step(0, 1, total_rows=4, weak_rows=2)
+        out = unet(x)
+        expected = torch.nn.functional.linear(x[2:], layer.weight - 0.75 * (up @ down), layer.bias)
+    torch.testing.assert_close(out[2:], expected, rtol=1e-5, atol=1e-6)
