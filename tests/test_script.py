@@ -332,3 +332,17 @@ def test_a_p_processed_twice_is_wrapped_once(env):
     assert not hasattr(p.sample.pg_original, "pg_original")
     webui_adapter.CONTROLLER.prepare(p, [False])
     assert not hasattr(p.sample, "pg_original")
+
+
+def test_hires_pass_with_a_fine_tuned_text_encoder(tmp_path):
+    env = Env(tmp_path, text_encoder=True)
+    recorder = UNetRecorder(env.unet)
+    result, p = env.generate(pg_args(0.0), enable_hr=True, hr_scale=2.0, hr_second_pass_steps=2, hr_negative_prompt="grainy")
+    recorder.remove()
+    base_model = sd_models.FakeSdModel(env.base_inner)
+    hires_negative = prompt_parser.SdConditioning(["grainy"], width=64, height=64, is_negative_prompt=True)
+    with torch.no_grad():
+        expected = base_model.get_learned_conditioning(hires_negative)
+    hires_calls = [call for call in recorder.calls if call[0].shape[-1] == 8]
+    assert hires_calls and all(torch.equal(call[2][1:], expected) for call in hires_calls)
+    assert "PG skipped" not in result.infotexts[0]
