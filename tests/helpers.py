@@ -7,13 +7,16 @@ import torch
 from tests.ldm_models import make_sd1
 
 
+TEXT_ENCODERS = ("cond_stage_model.", "conditioner.embedders.")  # SD 1.x/2.x, SDXL
+
+
 def fine_tune(base, seed=1, scale=0.02, text_encoder=False, unet=True):
     """A copy of `base` with perturbed weights, like a DreamBooth run would leave."""
     tuned = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in tuned.named_parameters():
-            touched = (unet and name.startswith("model.diffusion_model.")) or (text_encoder and name.startswith("cond_stage_model."))
+            touched = (unet and name.startswith("model.diffusion_model.")) or (text_encoder and name.startswith(TEXT_ENCODERS))
             if touched:
                 param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
     return tuned

@@ -29,16 +29,33 @@ def load_script_module():
     return module
 
 
+def reset_fake_webui():
+    """Every piece of fake-webui and PG state a test could leave behind."""
+    shared.reset()
+    script_callbacks.clear_callbacks()
+    processing.clear_cond_cache()
+    gr.reset()
+    errors.reported.clear()
+    webui_adapter.CONTROLLER.shutdown()
+
+
+def generate_with(script_module, pg=None, **kwargs):
+    """One txt2img generation through webui's processing, with PG's script args `pg`."""
+    runner = scripts.ScriptRunner()
+    script = runner.add_script(script_module.PersonalizationGuidanceScript)
+    args = runner.make_script_args({script: pg} if pg is not None else None)
+    params = dict(prompt="a photo of sks dog", negative_prompt="blurry", steps=3, cfg_scale=5.0, width=32, height=32,
+                  seed=7, sampler_name="Euler")
+    params.update(kwargs)
+    p = processing.StableDiffusionProcessingTxt2Img(scripts=runner, script_args=args, **params)
+    return processing.process_images(p), p
+
+
 class Env:
     """A fake webui with a base checkpoint and a "DreamBooth" fine-tune of it loaded."""
 
     def __init__(self, tmp_path, text_encoder=False):
-        shared.reset()
-        script_callbacks.clear_callbacks()
-        processing.clear_cond_cache()
-        gr.reset()
-        errors.reported.clear()
-        webui_adapter.CONTROLLER.shutdown()
+        reset_fake_webui()
         self.base_inner = make_sd1("tiny", seed=0)
         self.tuned_inner = fine_tune(self.base_inner, text_encoder=text_encoder)
         sd_models.model_path = str(tmp_path)
@@ -53,14 +70,7 @@ class Env:
         self.unet = self.tuned_inner.model.diffusion_model
 
     def generate(self, pg=None, **kwargs):
-        runner = scripts.ScriptRunner()
-        script = runner.add_script(self.script_module.PersonalizationGuidanceScript)
-        args = runner.make_script_args({script: pg} if pg is not None else None)
-        params = dict(prompt="a photo of sks dog", negative_prompt="blurry", steps=3, cfg_scale=5.0, width=32, height=32,
-                      seed=7, sampler_name="Euler")
-        params.update(kwargs)
-        p = processing.StableDiffusionProcessingTxt2Img(scripts=runner, script_args=args, **params)
-        return processing.process_images(p), p
+        return generate_with(self.script_module, pg, **kwargs)
 
     def pg_callbacks(self):
         """PG's denoiser callbacks still registered (there must be none between generations)."""

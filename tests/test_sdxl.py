@@ -1,35 +1,23 @@
 """SDXL through the fake webui: dict conditioning (crossattn + vector), two text
 encoders under conditioner.embedders, and webui's zeroed empty negative prompt."""
 
-import copy
-
 import pytest
 import torch
 
-import gradio as gr
-from modules import errors, processing, prompt_parser, script_callbacks, scripts, sd_models, shared
+from modules import sd_models, shared
 
 from lib_pg import webui_adapter
 from lib_pg.patching import module_state_fingerprint
 from tests.ldm_models import make_sdxl, save_checkpoint
-from tests.test_script import UNetRecorder, load_script_module, pg_args, same_images
+from tests.helpers import fine_tune
+from tests.test_script import UNetRecorder, generate_with, load_script_module, pg_args, reset_fake_webui, same_images
 
 
 @pytest.fixture
 def xl(tmp_path):
-    shared.reset()
-    script_callbacks.clear_callbacks()
-    processing.clear_cond_cache()
-    gr.reset()
-    errors.reported.clear()
-    webui_adapter.CONTROLLER.shutdown()
+    reset_fake_webui()
     base = make_sdxl("tiny", seed=0)
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if name.startswith(("model.diffusion_model.", "conditioner.embedders.0.")):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    tuned = fine_tune(base, text_encoder=True)
     sd_models.model_path = str(tmp_path)
     save_checkpoint(base.state_dict(), tmp_path / "xlbase.safetensors")
     save_checkpoint(tuned.state_dict(), tmp_path / "xltuned.safetensors")
@@ -42,13 +30,7 @@ def xl(tmp_path):
 
 
 def generate(module, pg=None, **kwargs):
-    runner = scripts.ScriptRunner()
-    script = runner.add_script(module.PersonalizationGuidanceScript)
-    args = runner.make_script_args({script: pg} if pg is not None else None)
-    params = dict(prompt="a photo of sks dog", negative_prompt="", steps=2, cfg_scale=5.0, width=32, height=32, seed=3,
-                  sampler_name="Euler")
-    params.update(kwargs)
-    return processing.process_images(processing.StableDiffusionProcessingTxt2Img(scripts=runner, script_args=args, **params))
+    return generate_with(module, pg, **{"negative_prompt": "", "steps": 2, "seed": 3, **kwargs})[0]
 
 
 def test_sdxl_routes_and_restores(xl):
