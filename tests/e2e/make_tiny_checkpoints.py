@@ -19,12 +19,12 @@ takes the text-encoder weights from the checkpoint). The yamls name the clip fol
 import argparse
 import copy
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
-import struct
 import sys
+
+from make_tiny_lora import sha256_file, write_safetensors_file  # stdlib-only sibling
 
 MANIFEST = ".tiny-checkpoints.json"
 
@@ -198,14 +198,6 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---- deterministic safetensors writer ---------------------------------------------------------
 def save_sorted_safetensors(state_dict, path):
     import torch
@@ -218,16 +210,7 @@ def save_sorted_safetensors(state_dict, path):
         header[k] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
-    header["__metadata__"] = {"format": "pt"}
-    hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    hb += b" " * (-len(hb) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
+    write_safetensors_file(path, header, blobs, {"format": "pt"})
 
 
 def main():

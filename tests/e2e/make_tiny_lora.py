@@ -19,6 +19,7 @@ module of the checkpoint (webui only logs unmatched keys at debug level).
 
 import argparse
 import array
+import hashlib
 import json
 import math
 import os
@@ -159,7 +160,13 @@ def save_safetensors(path, tensors, metadata):
         header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
-    header["__metadata__"] = metadata
+    write_safetensors_file(path, header, blobs, metadata)
+
+
+def write_safetensors_file(path, header, blobs, metadata):
+    """A safetensors file from its header entries (sorted keys) and raw tensor bytes, written
+    atomically; the same tensors always give the same bytes. Shared with make_tiny_checkpoints.py."""
+    header = dict(header, __metadata__=metadata)
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     tmp = path + ".tmp"
@@ -169,6 +176,14 @@ def save_safetensors(path, tensors, metadata):
         for raw in blobs:
             f.write(raw)
     os.replace(tmp, path)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def main():

@@ -8,7 +8,6 @@ Configuration comes from environment variables only:
 """
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,13 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+
+try:
+    from . import make_tiny_lora
+except ImportError:  # imported as a top-level module
+    import make_tiny_lora
+
+sha256_file = make_tiny_lora.sha256_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -88,14 +94,6 @@ def models_dir():
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoints_up_to_date(directory):
     """True when the generator's manifest matches this generator and every file it lists."""
     try:
@@ -136,10 +134,6 @@ def install_lora(name, checkpoint="tiny-sd15-ft", **options):
     Returns (path, created, {kohya layer name: module path}): created is False when an identical
     file was already there (then leave it at teardown); a different file of that name is an error
     (the tests would run someone else's LoRA)."""
-    try:
-        from . import make_tiny_lora
-    except ImportError:  # imported as a top-level module
-        import make_tiny_lora
     os.makedirs(lora_dir(), exist_ok=True)
     path = os.path.join(lora_dir(), name + ".safetensors")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".part", dir=lora_dir())  # not a name webui lists
