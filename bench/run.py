@@ -5,18 +5,24 @@ routing: the same objects the webui script uses) on a UNet of real size with
 random weights, and compares a denoiser step of plain CFG with a step of PG,
 alternating the variants in one process (A B A B ...) and quoting medians.
 
-    python bench/run.py --quick            # CPU, SD 1.5 at small latents, a few minutes
+    python bench/run.py --quick            # CPU, SD 1.5 at 320 px: about 15 minutes on 2 cores
     python bench/run.py --device cuda --dtype fp16 --family sd15
     python bench/run.py --device cuda --dtype fp16 --family sdxl
 
-The last line printed is one JSON object with the headline figures.
+The last line printed is one JSON object with the headline figures. A ratio
+is the median over rounds of PG's step time over the same round's CFG step.
+On Linux the script re-runs itself with tcmalloc preloaded when the system has
+it, as webui.sh launches webui (`NO_TCMALLOC=1` to measure glibc's malloc).
+`bench/kernels.py` times what two weight sets cost PyTorch's kernels alone.
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +61,33 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", default=None, help="comma separated, default 1,4")
     parser.add_argument("--omega", type=float, default=0.5)
     return parser.parse_args(argv)
+
+
+def with_webui_allocator():
+    """Re-run this script the way webui.sh runs webui on Linux: with tcmalloc
+    preloaded when the system has it (webui.sh's prepare_tcmalloc; NO_TCMALLOC
+    or an LD_PRELOAD already set opt out, as there). Under glibc's malloc every
+    large activation is a fresh mmap, and the page faults of the allocations
+    swamp the step times on a CPU (see bench/RESULTS.md)."""
+    if not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD") or os.environ.get("NO_TCMALLOC"):
+        return
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PATH": "/sbin:/usr/sbin:" + os.environ.get("PATH", "")}).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return
+    found = re.search(r"libtcmalloc(?:_minimal)?\.so\.\d+ \(.*\) => (\S+)", listing)
+    if found:
+        os.environ["LD_PRELOAD"] = found.group(1)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def allocator_in_use() -> str:
+    try:
+        with open("/proc/self/maps") as maps:
+            return "tcmalloc" if "tcmalloc" in maps.read() else "system malloc"
+    except OSError:
+        return "system malloc"
 
 
 def build_unet(args, device, dtype):
@@ -163,7 +196,8 @@ def main(argv=None):
     # convolution picks its slow non-mkldnn kernel for batch-1 inputs that small
     # (see bench/RESULTS.md), which no real image size reaches.
     latent = args.latent or (8 if args.tiny else 40 if args.quick else 128 if args.family == "sdxl" else 64)
-    rounds = args.rounds or (2 if args.tiny else 3 if args.quick else 5)
+    def rounds_for(batch):  # --quick: batch-1 steps are cheap, and noisier next to their length
+        return args.rounds or (2 if args.tiny else (9 if batch == 1 else 3) if args.quick else 5)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,4")).split(",")]
     torch.set_grad_enabled(False)
 
@@ -171,7 +205,7 @@ def main(argv=None):
     unet = build_unet(args, device, dtype)
     live = Holder(unet)
     print(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters, {args.dtype} on {device} "
-          f"(built in {time.perf_counter() - started:.1f} s)", flush=True)
+          f"(built in {time.perf_counter() - started:.1f} s); allocator: {allocator_in_use()}", flush=True)
 
     # The base checkpoint: the same architecture with every UNet weight different
     # (a DreamBooth run touches them all), written as a safetensors file.
@@ -187,7 +221,9 @@ def main(argv=None):
 
     # Build time vs the time to just read the file (warm page cache for both).
     # safetensors maps the file lazily: "reading" means bringing every tensor
-    # into memory, which the build does too.
+    # into memory, which the build does too. Each writes as many bytes as the
+    # other and runs right after the other's result was freed, so both find
+    # the same allocator state (a fresh 3 GB allocation would page-fault).
     read_checkpoint(base_path)
     reads, builds = [], []
     settings = PGSettings(True, args.omega)
@@ -195,12 +231,12 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weak = None
-    for _ in range(2):
+    for _ in range(3):
+        weak = None
         t0 = time.perf_counter()
         state = {key: tensor.clone() for key, tensor in read_checkpoint(base_path).items()}
         reads.append(time.perf_counter() - t0)
         del state
-        weak = None
         t0 = time.perf_counter()
         weak = build_weak_model(live, read_checkpoint(base_path), settings.omega_key)
         synchronize(device)
@@ -210,6 +246,20 @@ def main(argv=None):
     else:
         extra_bytes = weak.extra_bytes
     os.remove(base_path)
+
+    # The bandwidth floor: a PG step reads the weak weights on top of CFG's
+    # live ones, so it cannot take less than CFG plus one pass over them.
+    weak_tensors = [t for layer in weak.unet for t in layer.tensors_at(args.omega)]
+    streams = []
+    for _ in range(3):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for tensor in weak_tensors:
+            tensor.sum()
+        synchronize(device)
+        streams.append(time.perf_counter() - t0)
+    stream_s = statistics.median(streams)
+    del weak_tensors
 
     # Per-generation overhead once the weak weights are cached: the same lookup
     # the webui adapter does (fingerprint of the live weights, then the key).
@@ -248,41 +298,51 @@ def main(argv=None):
             for factory in variants.values():  # warm-up
                 time_step(unet, factory, inputs, bcu, device)
             times = {name: [] for name in variants}
-            for _ in range(rounds):
+            for _ in range(rounds_for(batch)):
                 for name, factory in variants.items():
                     times[name].append(time_step(unet, factory, inputs, bcu, device))
             medians = {name: statistics.median(v) for name, v in times.items()}
+            # Each round's steps run back to back, so a round's own CFG step is the
+            # fairest reference for its PG steps: the ratio is the median of those.
+            paired = {name: statistics.median(t / c for t, c in zip(times[name], times["cfg"])) for name in variants}
             for name in ratios:
-                ratios[name].append(medians[name] / medians["cfg"])
-            rows.append((batch, bcu, medians, evals))
+                ratios[name].append(paired[name])
+            rows.append((batch, bcu, medians, evals, paired))
             print(f"  batch {batch}, batch_cond_uncond {'on ' if bcu else 'off'}: "
-                  + ", ".join(f"{n} {m * 1000:.1f} ms ({evals[n]} evals)" for n, m in medians.items()), flush=True)
+                  + ", ".join(f"{n} {m * 1000:.1f} ms [{min(times[n]) * 1000:.0f}-{max(times[n]) * 1000:.0f}] "
+                              f"({evals[n]} evals)" for n, m in medians.items()), flush=True)
 
     result = {
         "machine": platform.node(), "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "family": "tiny" if args.tiny else args.family, "dtype": args.dtype, "latent": latent, "rounds": rounds,
+        "allocator": allocator_in_use(), "torch": torch.__version__,
+        "family": "tiny" if args.tiny else args.family, "dtype": args.dtype, "latent": latent, "rounds": {b: rounds_for(b) for b in batch_sizes},
         "ratio_checkpoint": max(ratios["pg_checkpoint"]),
         "ratio_lora": max(ratios["pg_lora16"] + ratios["pg_lora128"]),
         "lora_extra_mem_ratio": max(w.extra_bytes / b for w, b in loras.values()),
         "evals_equal": evals_equal,
         "build_s": statistics.median(builds), "read_s": statistics.median(reads),
         "cache_hit_ms": statistics.median(hits),
+        "stream_s": stream_s, "ratio_floor_checkpoint": max(1 + stream_s / m["cfg"] for _, _, m, _, _ in rows),
         "extra_mem_ratio": extra_bytes / weak.differing_bytes,
         "differing_mib": weak.differing_bytes / 2**20, "file_mib": file_bytes / 2**20,
     }
     print()
-    print("| batch | batch_cond_uncond | CFG ms | PG checkpoint ms (ratio) | PG LoRA r16 ms (ratio) | PG LoRA r128 ms (ratio) | evals per step |")
-    print("|---|---|---|---|---|---|---|")
-    for batch, bcu, medians, evals in rows:
-        cells = " | ".join(f"{medians[n] * 1000:.1f} ({medians[n] / medians['cfg']:.3f})" for n in ("pg_checkpoint", "pg_lora16", "pg_lora128"))
+    print("| batch | batch_cond_uncond | CFG ms | PG checkpoint ms (ratio) | floor | PG LoRA r16 ms (ratio) | PG LoRA r128 ms (ratio) | evals per step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, bcu, medians, evals, paired in rows:
+        cells = [f"{medians[n] * 1000:.1f} ({paired[n]:.3f})" for n in ("pg_checkpoint", "pg_lora16", "pg_lora128")]
+        cells.insert(1, f"{1 + stream_s / medians['cfg']:.3f}")
+        cells = " | ".join(cells)
         print(f"| {batch} | {'on' if bcu else 'off'} | {medians['cfg'] * 1000:.1f} | {cells} | "
               f"{'/'.join(str(evals[n]) for n in variants)} |")
     print(f"\nweak build {result['build_s']:.2f} s vs read {result['read_s']:.2f} s "
           f"({result['build_s'] / result['read_s']:.2f}x); cache hit {result['cache_hit_ms']:.2f} ms; "
           f"extra memory {result['extra_mem_ratio']:.3f} x the differing weights ({result['differing_mib']:.0f} MiB)")
+    print(f"floor: one pass over the weak weights takes {stream_s * 1000:.1f} ms, the least a PG step can add to CFG's")
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
+    with_webui_allocator()
     main()

@@ -54,23 +54,44 @@ def _put_back(mapping, key, previous):
         mapping[key] = previous
 
 
-@contextmanager
-def swapped_parameters(swaps):
+class swapped_parameters:  # noqa: N801 (used like the context-manager functions around it)
     """Put other tensors in place of module parameters for the duration of a call.
 
     `swaps` is an iterable of (module, parameter name, tensor). The module's own
     Parameter objects are put back untouched afterwards (no copy into them), so
     the live weights cannot change, whatever the wrapped call does.
+
+    A class rather than a generator: it runs around every routed layer call, and
+    this is the cheaper form (see bench/RESULTS.md, Python overhead per layer).
     """
-    saved = []
-    try:
-        for module, name, tensor in swaps:
-            saved.append((module, name, module._parameters[name]))
-            module._parameters[name] = tensor
-        yield
-    finally:
-        for module, name, original in reversed(saved):
-            module._parameters[name] = original
+
+    __slots__ = ("_swaps", "_saved")
+
+    def __init__(self, swaps):
+        self._swaps = swaps
+        self._saved = []
+
+    def __enter__(self):
+        saved = self._saved
+        try:
+            for module, name, tensor in self._swaps:
+                params = module._parameters
+                saved.append((params, name, params[name]))
+                params[name] = tensor
+        except BaseException:
+            self._put_back()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._put_back()
+        return False
+
+    def _put_back(self):
+        saved = self._saved
+        while saved:
+            params, name, original = saved.pop()
+            params[name] = original
 
 
 @contextmanager

@@ -7,10 +7,12 @@ modules/sd_samplers_cfg_denoiser.py). The weak rows are therefore always a
 suffix of a call. `StepRouter` follows the row offset across the calls of a
 step; every module with personalized weights splits its input there: the
 conditional part runs with the live weights, the unconditional part with the
-weak weights, in the same forward (no extra model evaluation).
+weak weights, in the same forward (no extra model evaluation). A module whose
+weak weights differ only by stripped low-rank networks is not split: it runs
+once over all rows and the weak rows get the networks' correction added.
 """
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +79,12 @@ class StepRouter:
         self.current = None
 
 
-def _routed_forward(module, layer, router, original):
+_NO_SCOPE = nullcontext()
+
+
+def _routed_forward(layer, router, original):
+    # Runs around every call of every personalized layer: kept lean (one check
+    # on the fast path, no per-call allocation beyond the outputs).
     def forward(x, *args, **kwargs):
         split = router.current
         if split is None:
@@ -88,19 +95,28 @@ def _routed_forward(module, layer, router, original):
                 "another extension changes the batch inside the UNet, which PG cannot route"
             )
         k = split.split
+        omega = split.omega
+        if layer.corrections_only:
+            # Same weights for both branches: one forward over every row (the
+            # conditional rows come out exactly as CFG's), then the weak rows
+            # get the stripped networks' contribution scaled from ω = 1 to ω.
+            out = original(x, *args, **kwargs)
+            weak_x = x[k:]
+            shift = sum(delta(weak_x) for delta in layer.corrections)
+            out[k:] += shift.to(out.dtype) * (omega - 1.0)
+            return out
         # The conditional rows run first, on the live weights: a host that
         # finalises weights lazily in forward (webui's Lora) does it there.
         cond_out = original(x[:k], *args, **kwargs) if k else None
-        weak_x = x[k:]
-        weak = layer.tensors_at(split.omega)
-        scope = layer.scope(split.omega) if layer.scope is not None else nullcontext()
-        with swapped_parameters((module, n, t) for n, t in zip(layer.names, weak)), scope:
+        weak_x = x[k:] if k else x
+        scope = layer.scope(omega) if layer.scope is not None else _NO_SCOPE
+        with swapped_parameters(layer.swaps_at(omega)), scope:
             weak_out = original(weak_x, *args, **kwargs)
         if layer.corrections:
-            # Stripped low-rank networks: their output contribution, scaled from
-            # ω = 1 (what the live layer computed) down to ω, on these rows only.
+            # Stripped low-rank networks next to swapped weights or a scope:
+            # their contribution, scaled from ω = 1 down to ω, on these rows only.
             shift = sum(delta(weak_x) for delta in layer.corrections)
-            weak_out = weak_out + shift.to(weak_out.dtype) * (split.omega - 1.0)
+            weak_out = weak_out + shift.to(weak_out.dtype) * (omega - 1.0)
         return weak_out if cond_out is None else torch.cat([cond_out, weak_out])
 
     return forward
@@ -112,7 +128,7 @@ def install_routing(patch: LivePatch, unet: torch.nn.Module, layers, router: Ste
     for layer in layers:
         module = layer.module
         original = module.forward  # bound now: includes any class-level patch (e.g. webui's Lora)
-        patch.set_attribute(module, "forward", _routed_forward(module, layer, router, original))
+        patch.set_attribute(module, "forward", _routed_forward(layer, router, original))
 
     def before_unet(_module, args, kwargs):
         x = args[0] if args else kwargs["x"]
@@ -125,8 +141,30 @@ def install_routing(patch: LivePatch, unet: torch.nn.Module, layers, router: Ste
     patch.keep_handle(unet.register_forward_hook(after_unet))
 
 
+def _corrected_forward(layer, original, omega):
+    def forward(x, *args, **kwargs):
+        out = original(x, *args, **kwargs)
+        shift = sum(delta(x) for delta in layer.corrections)
+        out += shift.to(out.dtype) * (omega - 1.0)
+        return out
+
+    return forward
+
+
+@contextmanager
+def corrected_text_layers(layers, omega: float):
+    """While the weak negative conditioning is computed (a text-encoder call in
+    which every row is weak): the text-encoder layers of stripped low-rank
+    networks add (ω − 1)·ΣΔy to their output, instead of holding weight copies
+    for as long as the weak model is cached."""
+    with LivePatch() as patch:
+        for layer in layers:
+            if layer.corrections:
+                patch.set_attribute(layer.module, "forward", _corrected_forward(layer, layer.module.forward, omega))
+        yield
+
+
 def text_encoder_swaps(layers, omega: float):
     """(module, name, tensor) triples that make the text encoder the weak one at ω."""
     for layer in layers:
-        for name, tensor in zip(layer.names, layer.tensors_at(omega)):
-            yield layer.module, name, tensor
+        yield from layer.swaps_at(omega)

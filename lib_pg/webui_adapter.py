@@ -18,7 +18,7 @@ from lib_pg.checkpoints import FingerprintCache, find_base
 from lib_pg.errors import PGError
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version
 from lib_pg.patching import swapped_attributes, swapped_parameters
-from lib_pg.routing import text_encoder_swaps
+from lib_pg.routing import corrected_text_layers, text_encoder_swaps
 from lib_pg.weights import UNET_PREFIX, LowRankDelta, build_weak_model, live_parameters
 
 from modules import devices, prompt_parser, script_callbacks, sd_models, sd_samplers, shared  # noqa: E402
@@ -281,9 +281,11 @@ class WeakConditioning:
         if self.settings.weak_prompt == "empty":
             prompts = [""] * len(prompts)
         conditioning = prompt_parser.SdConditioning(list(prompts), width=width, height=height, is_negative_prompt=True)
-        swaps = text_encoder_swaps(self.weak.text, omega) if omega < 1.0 else ()
-        scope = self.weak.text_scope(omega) if self.weak.text_scope is not None and omega < 1.0 else nullcontext()
-        with swapped_parameters(swaps), scope, devices.autocast():
+        weak_text = omega < 1.0
+        swaps = text_encoder_swaps(self.weak.text, omega) if weak_text else ()
+        corrected = corrected_text_layers(self.weak.text, omega) if weak_text else nullcontext()
+        scope = self.weak.text_scope(omega) if self.weak.text_scope is not None and weak_text else nullcontext()
+        with swapped_parameters(swaps), corrected, scope, devices.autocast():
             return prompt_parser.get_learned_conditioning(self.model, conditioning, p.firstpass_steps, hires_steps,
                                                           shared.opts.use_old_scheduling)
 
@@ -415,7 +417,7 @@ def lora_reference(model, stripped, with_base):
             backup = getattr(module, "network_weights_backup", None) if merged and with_base else None
             if not touching and backup is None:
                 continue
-            if touching and not with_base and prefix.startswith(UNET_PREFIX) and all(is_low_rank_exact(m) for _, m in touching):
+            if touching and not with_base and all(is_low_rank_exact(m) for _, m in touching):
                 corrections[module] = [low_rank_delta(module, m) for _, m in touching]
                 continue
             weight_offset = torch.zeros_like(module.weight, dtype=torch.float32)

@@ -101,6 +101,12 @@ class WeakLayer:
     fixed_omega: float = None
     corrections: tuple = ()  # x -> Δy of stripped low-rank networks; weak rows add (ω − 1)·ΣΔy
     scope: object = None  # ω -> context manager the weak rows run in (e.g. network multipliers set to ω·m)
+    _fixed_swaps: tuple = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def corrections_only(self) -> bool:
+        """Whether the weak rows differ only by `corrections`: no tensor to swap, no scope."""
+        return not self.names and self.scope is None and bool(self.corrections)
 
     def live(self):
         return tuple(self.module._parameters[n] for n in self.names)
@@ -114,6 +120,15 @@ class WeakLayer:
         if omega == 0.0:
             return self.ref
         return tuple(interpolate(r, l, omega) for r, l in zip(self.ref, self.live()))
+
+    def swaps_at(self, omega: float):
+        """(module, name, tensor) triples that give the module its weak parameters
+        at ω (for the constant ω, built once: this runs on every routed call)."""
+        if self.fixed is not None and omega == self.fixed_omega:
+            if self._fixed_swaps is None:
+                self._fixed_swaps = tuple((self.module, n, t) for n, t in zip(self.names, self.fixed))
+            return self._fixed_swaps
+        return tuple((self.module, n, t) for n, t in zip(self.names, self.tensors_at(omega)))
 
     def nbytes(self) -> int:
         held = (self.ref or ()) + (self.fixed or ())
@@ -144,14 +159,27 @@ class LowRankDelta:
     nbytes: int
 
 
-def prefer_weight_copy(module: torch.nn.Module, deltas) -> bool:
-    """Whether a layer is better served by a copy of its weak weight than by
-    low-rank corrections: when the copy is no bigger than twice the networks'
-    own weights for it (the memory the LoRA mode may spend), which is exactly
-    where the low rank is large next to the layer and the corrections cost most.
-    """
-    weight = module.weight
-    return weight.numel() * weight.element_size() <= 2 * sum(d.nbytes for d in deltas)
+def layers_to_copy(corrections) -> set:
+    """The layers (from module -> stripped LowRankDeltas) better served by a copy
+    of their weak weight than by low-rank corrections, within the memory the
+    LoRA mode may spend: twice the networks' own weights.
+
+    A correction costs r·(in + out) multiply-adds per weak token, a copy costs
+    in·out weights of memory and nothing per token. So the layers with the most
+    LoRA weight per byte of layer are copied first (where the rank is large
+    next to the layer; in SD UNets also the narrow layers that run at the
+    highest resolution, on the most tokens), until the budget is spent."""
+    def layer_bytes(module):
+        return module.weight.numel() * module.weight.element_size()
+
+    budget = 2 * sum(d.nbytes for deltas in corrections.values() for d in deltas)
+    ranked = sorted(corrections, key=lambda m: -sum(d.nbytes for d in corrections[m]) / layer_bytes(m))
+    chosen, spent = set(), 0
+    for module in ranked:
+        if spent + layer_bytes(module) <= budget:
+            chosen.add(module)
+            spent += layer_bytes(module)
+    return chosen
 
 
 @dataclass
@@ -213,8 +241,9 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     plus `offsets[key]` where given; without a base state only the keys in
     `offsets` have a reference (θ_live + offset: the live model with LoRAs
     stripped). `corrections` maps a UNet module to the `LowRankDelta`s of its
-    stripped networks: the weak rows get (ω − 1)·ΣΔy added (no weight copy),
-    except where `prefer_weight_copy` says a copy of the layer is cheaper. `scope(ω)` is a context the
+    stripped networks (UNet or text encoder): the weak rows get (ω − 1)·ΣΔy
+    added (no weight copy), except where `layers_to_copy` picks a copy of a
+    UNet layer instead. `scope(ω)` is a context the
     weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
     that need routing for it even where no weight differs (networks applied in
     forward, whose multipliers the scope sets); `text_scope(ω)` likewise wraps
@@ -231,12 +260,14 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     corrections = dict(corrections or {})
     owners = live_parameters(model)
     prefixes = {id(module): key[: -len(name) - 1] for key, (module, name, _) in owners.items()}
+    # Copies only pay off in the UNet, which runs every step: the text encoder
+    # runs once per generation, so its layers always keep their corrections.
+    unet_corrections = {m: d for m, d in corrections.items() if prefixes[id(m)].startswith(UNET_PREFIX)}
     with torch.no_grad():
-        for module, deltas in list(corrections.items()):
-            if prefer_weight_copy(module, deltas):
-                del corrections[module]
-                key = f"{prefixes[id(module)]}.weight"
-                offsets[key] = offsets.get(key, 0) - sum(d.weight().float().reshape(module.weight.shape) for d in deltas)
+        for module in layers_to_copy(unet_corrections):
+            deltas = corrections.pop(module)
+            key = f"{prefixes[id(module)]}.weight"
+            offsets[key] = offsets.get(key, 0) - sum(d.weight().float().reshape(module.weight.shape) for d in deltas)
     live_shapes = {k: tuple(p.shape) for k, (_, _, p) in owners.items()}
     if base_state is not None:
         base_shapes = {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")}
@@ -282,7 +313,8 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     if not (constant and omega >= 1.0):
         for module, deltas in corrections.items():
             outputs = tuple(d.output for d in deltas)
-            result.unet.append(WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=outputs))
+            layer = WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=outputs)
+            (result.unet if prefixes[id(module)].startswith(UNET_PREFIX) else result.text).append(layer)
         routed = {id(layer.module) for layer in result.unet}
         for module in scoped_modules:
             if id(module) not in routed:

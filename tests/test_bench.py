@@ -2,7 +2,7 @@
 
 from bench import run as bench
 
-KEYS = {"ratio_checkpoint", "ratio_lora", "evals_equal", "build_s", "read_s", "cache_hit_ms", "extra_mem_ratio",
+KEYS = {"ratio_checkpoint", "ratio_lora", "evals_equal", "build_s", "read_s", "cache_hit_ms", "extra_mem_ratio", "stream_s",
         "lora_extra_mem_ratio"}
 
 
@@ -14,3 +14,11 @@ def test_tiny_benchmark_reports_every_key_and_equal_evaluations(capsys):
     assert result["lora_extra_mem_ratio"] <= 2.0  # low-rank corrections, or copies no bigger than twice the LoRA
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("{") and '"evals_equal": true' in last_line
+
+
+def test_kernel_floor_script_times_every_shape(capsys):
+    from bench import kernels
+
+    kernels.main(["--latent", "8", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| conv") or line.startswith("| linear")]
+    assert len(rows) == len(kernels.SHAPES)

@@ -148,8 +148,41 @@ def test_low_rank_strip_uses_corrections_or_a_copy_within_twice_the_lora_size(ra
     weak = build_weak_model(holder, None, ("constant", 0.25), corrections={layer: [delta]})
     assert (weak.extra_bytes > 0) == copied and weak.extra_bytes <= 2 * delta.nbytes
     x = torch.randn(4, 16)
+    with torch.no_grad():
+        plain = unet(x)  # CFG: every row through the live (LoRA-merged) layer in one call
     with torch.no_grad(), GuidanceRun(unet, weak, PGSettings(True, 0.25)) as run:
         run.begin_step(0, 1, total_rows=4, weak_rows=2)
         out = unet(x)
         expected = torch.nn.functional.linear(x[2:], layer.weight - 0.75 * (up @ down), layer.bias)
     torch.testing.assert_close(out[2:], expected, rtol=1e-5, atol=1e-6)
+    if not copied:
+        # A corrected layer is not split: it runs once over all rows, so the
+        # conditional rows are CFG's own, bit for bit, and the weak rows differ
+        # from them by exactly the added correction.
+        assert torch.equal(out[:2], plain[:2])
+        assert torch.equal(out[2:], plain[2:] + delta.output(x[2:]) * (0.25 - 1.0))
+
+
+def test_layers_to_copy_spends_twice_the_lora_weights_on_the_layers_where_corrections_cost_most():
+    from lib_pg.weights import LowRankDelta, layers_to_copy
+
+    def lora(module, rank):
+        nbytes = rank * (module.in_features + module.out_features) * 4
+        return [LowRankDelta(output=None, weight=None, nbytes=nbytes)]
+
+    narrow, middle, wide = torch.nn.Linear(8, 8), torch.nn.Linear(16, 16), torch.nn.Linear(64, 64)
+    # LoRA bytes per layer byte: narrow 4·16/64 = 1, middle 4·32/256 = 0.5, wide 4·128/4096 = 0.125
+    corrections = {wide: lora(wide, 4), narrow: lora(narrow, 4), middle: lora(middle, 4)}
+    budget = 2 * sum(d.nbytes for deltas in corrections.values() for d in deltas)  # 2·(256+512+2048) bytes
+    chosen = layers_to_copy(corrections)
+    assert chosen == {narrow, middle}  # 256 + 1024 bytes fit; the wide layer's 16384 would not
+    assert sum(m.weight.numel() * 4 for m in chosen) <= budget
+
+
+def test_swapped_parameters_puts_back_what_it_swapped_when_a_swap_fails():
+    layer = torch.nn.Linear(2, 2)
+    weight, bias = layer.weight, layer.bias
+    with pytest.raises(KeyError):
+        with swapped_parameters([(layer, "weight", torch.zeros(2, 2)), (layer, "missing", torch.zeros(1))]):
+            pass
+    assert layer.weight is weight and layer.bias is bias and "missing" not in layer._parameters
