@@ -186,3 +186,25 @@ def test_swapped_parameters_puts_back_what_it_swapped_when_a_swap_fails():
         with swapped_parameters([(layer, "weight", torch.zeros(2, 2)), (layer, "missing", torch.zeros(1))]):
             pass
     assert layer.weight is weight and layer.bias is bias and "missing" not in layer._parameters
+
+
+def test_corrected_text_layers_add_the_scaled_correction_and_leave_no_trace():
+    from lib_pg.routing import corrected_text_layers
+    from lib_pg.weights import WeakLayer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    weak = WeakLayer(layer, (), ref=(), fixed=(), fixed_omega=0.25, corrections=(lambda x: x @ down.T @ up.T,))
+    x = torch.randn(3, 8)
+    before = module_state_fingerprint(layer)
+    with torch.no_grad():
+        plain = layer(x)
+        with corrected_text_layers([weak], 0.25):
+            corrected = layer(x)
+        assert torch.equal(corrected, plain + (x @ down.T @ up.T) * (0.25 - 1.0))
+        with pytest.raises(RuntimeError):
+            with corrected_text_layers([weak], 0.25):
+                raise RuntimeError("interrupted")
+        assert torch.equal(layer(x), plain)
+    assert module_state_fingerprint(layer) == before
