@@ -82,6 +82,12 @@ class StepRouter:
 _NO_SCOPE = nullcontext()
 
 
+def _scaled_correction(layer, x, omega, dtype):
+    """(ω − 1)·ΣΔy: the layer's stripped low-rank networks' output for rows x,
+    scaled from ω = 1 (what the live layer computes) down to ω."""
+    return sum(delta(x) for delta in layer.corrections).to(dtype) * (omega - 1.0)
+
+
 def _routed_forward(layer, router, original):
     # Runs around every call of every personalized layer: kept lean (one check
     # on the fast path, no per-call allocation beyond the outputs).
@@ -101,9 +107,7 @@ def _routed_forward(layer, router, original):
             # conditional rows come out exactly as CFG's), then the weak rows
             # get the stripped networks' contribution scaled from ω = 1 to ω.
             out = original(x, *args, **kwargs)
-            weak_x = x[k:]
-            shift = sum(delta(weak_x) for delta in layer.corrections)
-            out[k:] += shift.to(out.dtype) * (omega - 1.0)
+            out[k:] += _scaled_correction(layer, x[k:], omega, out.dtype)
             return out
         # The conditional rows run first, on the live weights: a host that
         # finalises weights lazily in forward (webui's Lora) does it there.
@@ -115,8 +119,7 @@ def _routed_forward(layer, router, original):
         if layer.corrections:
             # Stripped low-rank networks next to swapped weights or a scope:
             # their contribution, scaled from ω = 1 down to ω, on these rows only.
-            shift = sum(delta(weak_x) for delta in layer.corrections)
-            weak_out = weak_out + shift.to(weak_out.dtype) * (omega - 1.0)
+            weak_out = weak_out + _scaled_correction(layer, weak_x, omega, weak_out.dtype)
         return weak_out if cond_out is None else torch.cat([cond_out, weak_out])
 
     return forward
@@ -144,8 +147,7 @@ def install_routing(patch: LivePatch, unet: torch.nn.Module, layers, router: Ste
 def _corrected_forward(layer, original, omega):
     def forward(x, *args, **kwargs):
         out = original(x, *args, **kwargs)
-        shift = sum(delta(x) for delta in layer.corrections)
-        out += shift.to(out.dtype) * (omega - 1.0)
+        out += _scaled_correction(layer, x, omega, out.dtype)
         return out
 
     return forward
