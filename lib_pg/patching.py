@@ -61,8 +61,8 @@ class swapped_parameters:  # noqa: N801 (used like the context-manager functions
     Parameter objects are put back untouched afterwards (no copy into them), so
     the live weights cannot change, whatever the wrapped call does.
 
-    A class rather than a generator: it runs around every routed layer call, and
-    this is the cheaper form (see bench/RESULTS.md, Python overhead per layer).
+    A class rather than a generator-based context manager: it runs around every
+    routed layer call, and this form costs less per call.
     """
 
     __slots__ = ("_swaps", "_saved")

@@ -240,11 +240,10 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     The reference θ_ref of a parameter is `base_state[key]` (a base checkpoint)
     plus `offsets[key]` where given; without a base state only the keys in
     `offsets` have a reference (θ_live + offset: the live model with LoRAs
-    stripped). `corrections` maps a UNet module to the `LowRankDelta`s of its
-    stripped networks (UNet or text encoder): the weak rows get (ω − 1)·ΣΔy
+    stripped). `corrections` maps a module (UNet or text encoder) to the
+    `LowRankDelta`s of its stripped networks: the weak rows get (ω − 1)·ΣΔy
     added (no weight copy), except where `layers_to_copy` picks a copy of a
-    UNet layer instead. `scope(ω)` is a context the
-    weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
+    UNet layer instead. `scope(ω)` is a context the weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
     that need routing for it even where no weight differs (networks applied in
     forward, whose multipliers the scope sets); `text_scope(ω)` likewise wraps
     the weak text encoder's call.
