@@ -5,6 +5,8 @@ Configuration comes from environment variables only:
   SD_WEBUI_PYTHON        its python (default: $SD_WEBUI_PATH/venv/bin/python)
   SD_WEBUI_START_TIMEOUT seconds to wait for the API (default 300)
   SD_WEBUI_EXTRA_ARGS    extra webui command-line flags (split on whitespace)
+  SD_WEBUI_EXTENSIONS    a folder of third-party extension checkouts, one subfolder each (the
+                         interop tests, test_interop_e2e.py, skip without it)
 """
 
 import base64
@@ -154,14 +156,61 @@ def install_lora(name, checkpoint="tiny-sd15-ft", **options):
 # ---- the extension link -----------------------------------------------------------------------
 def link_extension():
     """Symlink this repository into webui's extensions folder. Returns the link path if we made it, else None."""
-    link = os.path.join(webui_path(), "extensions", EXTENSION_NAME)
+    return link_into_extensions(REPO_ROOT, EXTENSION_NAME)
+
+
+def link_into_extensions(source, name):
+    """Symlink folder `source` as webui's extensions/<name>. Returns the link path if we made it,
+    None if that very link was already there; anything else of that name is an error."""
+    link = os.path.join(webui_path(), "extensions", name)
     if os.path.lexists(link):
-        if os.path.realpath(link) != os.path.realpath(REPO_ROOT):
-            raise RuntimeError(f"{link} exists and is not a link to {REPO_ROOT}: the tests would run other code")
+        if not os.path.islink(link) or os.path.realpath(link) != os.path.realpath(source):
+            raise RuntimeError(f"{link} exists and is not a link to {source}: the tests would run other code")
         return None
     os.makedirs(os.path.dirname(link), exist_ok=True)
-    os.symlink(REPO_ROOT, link, target_is_directory=True)
+    os.symlink(source, link, target_is_directory=True)
     return link
+
+
+# ---- third-party extensions (tests/e2e/test_interop_e2e.py) -----------------------------------
+def extensions_source():
+    """The folder named by SD_WEBUI_EXTENSIONS, or None."""
+    path = os.environ.get("SD_WEBUI_EXTENSIONS")
+    return os.path.abspath(path) if path else None
+
+
+def interop_skip_reason():
+    """Why the interop tests cannot run here, or None."""
+    reason = skip_reason()
+    if reason:
+        return reason
+    source = extensions_source()
+    if not source:
+        return ("interop tests need third-party extension checkouts: set SD_WEBUI_EXTENSIONS to a folder "
+                "holding one subfolder per extension")
+    if not os.path.isdir(source):
+        return f"SD_WEBUI_EXTENSIONS={source} is not a folder"
+    return None
+
+
+def available_extensions():
+    """{subfolder name: path} of the extension checkouts in SD_WEBUI_EXTENSIONS."""
+    source = extensions_source()
+    return {name: os.path.join(source, name) for name in sorted(os.listdir(source))
+            if os.path.isdir(os.path.join(source, name)) and not name.startswith(".")}
+
+
+def extension_revision(path):
+    """The checkout's git commit (short), or None when it is not the top of a git work tree."""
+    try:
+        result = subprocess.run(["git", "-C", path, "rev-parse", "--show-toplevel", "--short=8", "HEAD"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = result.stdout.split()
+    if result.returncode != 0 or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(path):
+        return None  # not a checkout, or a folder inside some other repository
+    return lines[1]
 
 
 def unlink_extension(link):
@@ -179,7 +228,7 @@ def free_port():
 class WebuiServer:
     """webui API-only on a free loopback port, in its own process group."""
 
-    def __init__(self, checkpoint="tiny-sd15-ft", ui=False):
+    def __init__(self, checkpoint="tiny-sd15-ft", ui=False, extra_args=()):
         """ui=False: API only (--nowebui); ui=True: the gradio UI too (--api), as most users run it."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -188,7 +237,7 @@ class WebuiServer:
         ckpt = os.path.join(models_dir(), checkpoint + ".safetensors")
         flags = [flag for flag in CPU_FLAGS if not (ui and flag == "--nowebui")]
         self.command = [webui_python(), "launch.py", *flags, "--server-name", "127.0.0.1",
-                        "--port", str(self.port), "--ckpt", ckpt,
+                        "--port", str(self.port), "--ckpt", ckpt, *extra_args,
                         *shlex.split(os.environ.get("SD_WEBUI_EXTRA_ARGS", ""))]
         self.process = None
         self.start_seconds = None
@@ -205,9 +254,15 @@ class WebuiServer:
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"webui exited with code {self.process.returncode} before its API answered\n{self.log_tail()}")
+            # With the gradio UI, webui adds the API routes to an app that is already serving and
+            # only then fills the API's default script arguments (modules/api/api.py Api.__init__)
+            # and runs the extensions' app_started callbacks (which add their own routes): a
+            # txt2img request in between fails with "'Api' object has no attribute
+            # 'default_script_arg_txt2img'". webui prints "Startup time:" after all of that (in
+            # both modes), so wait for the line as well as for an answer.
             try:
                 status, _ = request(self.url, "GET", "/sdapi/v1/sd-models", timeout=5)
-                if status == 200:
+                if status == 200 and "Startup time:" in self.log_text():
                     break
             except OSError:
                 pass
@@ -240,13 +295,25 @@ class WebuiServer:
         except OSError:
             pass
 
-    def log_tail(self, chars=20000):
+    def log_text(self):
+        """The server's whole log so far ('' if unreadable)."""
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+                return f.read()
         except OSError:
+            return ""
+
+    def log_size(self):
+        """The log's length so far, in characters: pass it to log_since() to read what a request printed."""
+        return len(self.log_text())
+
+    def log_since(self, offset):
+        return self.log_text()[offset:]
+
+    def log_tail(self, chars=20000):
+        if not os.path.exists(self.log_path):
             return "(no webui log)"
-        return f"---- webui log {self.log_path} (last {chars} chars) ----\n{text[-chars:]}"
+        return f"---- webui log {self.log_path} (last {chars} chars) ----\n{self.log_text()[-chars:]}"
 
 
 def read_log_tail(chars=20000):
@@ -279,6 +346,35 @@ def request(base_url, method, path, payload=None, timeout=600):
         return status, json.loads(text)
     except ValueError:
         return status, text
+
+
+# ---- scripts' API arguments -------------------------------------------------------------------
+def alwayson_defaults(server, title, img2img=False):
+    """The default `args` of an always-on script, as webui's /sdapi/v1/script-info lists them
+    (the values its ui() returned), with the labels beside them: [(label, value), ...]."""
+    status, info = request(server.url, "GET", "/sdapi/v1/script-info")
+    if status != 200:
+        raise RuntimeError(f"/sdapi/v1/script-info answered {status}: {str(info)[:2000]}")
+    for entry in info:
+        if entry["name"] == title.lower() and entry["is_alwayson"] and bool(entry["is_img2img"]) == img2img:
+            return [(arg.get("label"), arg.get("value")) for arg in entry["args"]]
+    raise KeyError(f"no always-on script {title!r} ({'img2img' if img2img else 'txt2img'}) on this server")
+
+
+def alwayson_args(defaults, changes):
+    """`defaults` (from alwayson_defaults) with `changes` {index: value} applied, as a list of values;
+    each changed index's label is checked when `changes` gives (label, value)."""
+    values = [value for _label, value in defaults]
+    for index, change in changes.items():
+        if isinstance(change, tuple):
+            label, value = change
+            if defaults[index][0] != label:
+                raise AssertionError(f"argument {index} is {defaults[index][0]!r}, expected {label!r}: "
+                                     "the extension's UI changed, update the test")
+        else:
+            value = change
+        values[index] = value
+    return values
 
 
 # ---- PNG (8-bit, non-interlaced; enough for what webui's API returns) --------------------------
