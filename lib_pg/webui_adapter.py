@@ -184,11 +184,13 @@ class Controller:
             raise
         unet = model.model.diffusion_model
         texts = WeakConditioning(p, settings, weak, model)
+        seen = {}  # the denoiser of the last step, to name what hooks it if a step goes unrouted
         with GuidanceRun(unet, weak, settings) as run:
             def on_denoiser(params):
                 if params.denoiser is None or params.denoiser.p is not p:
                     return
                 try:
+                    seen["denoiser"] = params.denoiser
                     ours = shared.sd_model is model and getattr(shared.sd_model, "sd_checkpoint_info", None) is checkpoint
                     omega = run.begin_step(params.denoiser.step, params.denoiser.total_steps, lambda: step_conditioning(params),
                                            ours, webui_skips_uncond(params))
@@ -202,7 +204,7 @@ class Controller:
             try:
                 result = original_sample(*args, **kwargs)
             except UnroutedStep as error:
-                hooks = sampling_hooks(unet)
+                hooks = sampling_hooks(unet, seen.get("denoiser"))
                 raise PGError(f"{error.reason}{' (' + ', '.join(hooks) + ')' if hooks else ''}. PG stops the generation "
                               "rather than run without guidance") from None
             finally:
@@ -571,11 +573,15 @@ def _extension_of(function):
     return None
 
 
-def sampling_hooks(unet):
-    """Extensions that replaced a sampling or UNet forward, or listen to the
-    denoiser's steps: the candidates for evaluating rows where PG cannot see them."""
+def sampling_hooks(unet, denoiser=None):
+    """Extensions that replaced a sampling or UNet forward (Tiled Diffusion
+    replaces the denoiser's inner model forward, ControlNet the UNet's), or
+    listen to the denoiser's steps: the candidates for evaluating rows where
+    PG cannot see them."""
     found = []
-    candidates = [unet.__dict__.get("forward"), getattr(shared.sd_model, "__dict__", {}).get("apply_model")]
+    inner = getattr(denoiser, "model_wrap", None)  # webui's CFGDenoiserKDiffusion/Timesteps: the wrapped model, once built
+    candidates = [unet.__dict__.get("forward"), getattr(shared.sd_model, "__dict__", {}).get("apply_model"),
+                  getattr(inner, "__dict__", {}).get("forward")]
     for name in ("callbacks_cfg_denoiser", "callbacks_cfg_denoised", "callbacks_cfg_after_cfg"):
         candidates += [c.callback for c in script_callbacks.callback_map.get(name, ())]
     for function in candidates:

@@ -220,3 +220,23 @@ def test_adetailer_passes_without_pg_are_said(env, monkeypatch, script_names, en
     result, _ = generate_with(env.script_module, pg_args(0.3), steps=2)
     info = result.infotexts[0]
     assert ("ADetailer passes" in info and "personalization_guidance" in info) == said, info
+
+
+def test_the_stop_message_names_the_extensions_that_hook_sampling(env, monkeypatch):
+    """The callbacks, and instance forwards replaced on the UNet or the denoiser's model, of
+    functions whose files lie under an extensions/ folder are named; PG's own are not."""
+    plain_call = sd_samplers_common.CompVisDenoiserLike.__call__
+
+    def altered(self, x, sigma, cond):
+        return plain_call(self, x, sigma, cond={**cond, "c_crossattn": [cond["c_crossattn"][0] * 1.0001]})
+
+    monkeypatch.setattr(sd_samplers_common.CompVisDenoiserLike, "__call__", altered)
+    namespace = {}
+    exec(compile("def on_step(params):\n    pass\n", "/webui/extensions/some-tiler/scripts/tiler.py", "exec"), namespace)
+    script_callbacks.on_cfg_denoiser(namespace["on_step"], name="some-tiler")
+    with pytest.raises(PGError) as raised:
+        env.generate(pg_args(0.3), steps=2)
+    message = str(raised.value)
+    assert "(some-tiler)" in message and "stops the generation" in message, message
+    assert webui_adapter._extension_of(namespace["on_step"]) == "some-tiler"
+    assert webui_adapter._extension_of(test_the_stop_message_names_the_extensions_that_hook_sampling) is None
