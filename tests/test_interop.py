@@ -12,7 +12,7 @@ from lib_pg.errors import PGError
 from lib_pg.interop import CONTROLNET_MARK, carry_marks, controlnet_marks
 from lib_pg.patching import module_state_fingerprint
 from tests.helpers import interpolated_copy
-from tests.test_script import Env, pg_args, same_images
+from tests.test_script import Env, UNetRecorder as CallRecorder, pg_args, same_images
 
 
 @pytest.fixture
@@ -21,30 +21,13 @@ def env(tmp_path):
     shared.reset()
 
 
-class CallRecorder:
-    """Every UNet call's inputs, output and the rows PG sent to the weak weights."""
-
-    def __init__(self, unet):
-        self.calls = []
-        self.handle = unet.register_forward_hook(self.record, with_kwargs=True)
-
-    def record(self, _module, args, kwargs, output):
-        run = webui_adapter.CONTROLLER.active_run
-        plan = run.router.current if run is not None else None
-        weak = plan.weak if plan is not None else ()
-        self.calls.append((args[0].clone(), args[1].clone(), kwargs["context"].clone(), output.clone(), weak))
-
-    def remove(self):
-        self.handle.remove()
-
-
-def check_rows(env, calls, omega, context_of=lambda c: c):
+def check_rows(env, calls, omega):
     """Each recorded call's weak rows equal the weak model on them, its other rows the live model."""
     weak_unet = interpolated_copy(env.base_inner, env.tuned_inner, omega).model.diffusion_model
     weak_rows = 0
     with torch.no_grad():
-        for x, t, context, output, weak in calls:
-            context = context_of(context)
+        for x, t, context, output, plan in calls:
+            weak = plan.weak if plan is not None else ()
             live = [i for i in range(x.shape[0]) if i not in weak]
             for rows, unet in ((live, env.unet), (list(weak), weak_unet)):
                 if rows:
@@ -114,7 +97,7 @@ def test_an_extra_conditional_call_runs_live_and_is_not_reported(env):
     recorder = CallRecorder(env.unet)
     guided, _ = env.generate(pg_args(0.3), steps=2)
     recorder.remove()
-    assert len(recorder.calls) == 4 and [len(c[4]) for c in recorder.calls] == [1, 0, 1, 0]
+    assert len(recorder.calls) == 4 and [len(c[4].weak) if c[4] else 0 for c in recorder.calls] == [1, 0, 1, 0]
     assert check_rows(env, recorder.calls, 0.3) == 2
     assert "PG skipped" not in guided.infotexts[0]
 
@@ -149,7 +132,7 @@ def test_controlnet_marks_survive_pg_weak_conditioning(tmp_path, monkeypatch, te
     env.generate(pg_args(0.3, weak_prompt="empty"), steps=2)
     recorder.remove()
     assert seen == [[CONTROLNET_MARK, -CONTROLNET_MARK]] * 2, "every row must reach ControlNet marked as what it is"
-    assert [c[4] for c in recorder.calls] == [(1,), (1,)]
+    assert [c[4].weak for c in recorder.calls] == [(1,), (1,)]
     shared.reset()
 
 
