@@ -6,6 +6,7 @@ and where a generation can be stopped for real. Forge support would replace
 this module, not the core.
 """
 
+import importlib.util
 import os
 import sys
 import time
@@ -137,6 +138,9 @@ class Controller:
         p.sample = refuse
 
     def _check_request(self, p, settings):
+        host = unsupported_host()
+        if host is not None:
+            raise PGError(UNSUPPORTED_HOST.format(host=host))
         if not settings.base and not settings.strip_loras:
             raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from) "
                           "or LoRAs to strip ('strip_loras')")
@@ -306,6 +310,25 @@ class WeakConditioning:
         with swapped_parameters(swaps), corrected, scope, devices.autocast():
             return prompt_parser.get_learned_conditioning(self.model, conditioning, p.firstpass_steps, hires_steps,
                                                           shared.opts.use_old_scheduling)
+
+
+# Forks of webui that keep its modules/ (so this extension loads there) but
+# sample through a backend of their own, found by the packages they add:
+# Forge's backend/ and reForge's ldm_patched/ (both also add modules_forge/).
+FORK_PACKAGES = (("backend", "Forge"), ("ldm_patched", "reForge"), ("modules_forge", "a Forge-based fork"))
+UNSUPPORTED_HOST = ("this webui is {host}, which PG does not support yet (it samples through its own backend, where PG "
+                    "cannot find the unconditional rows); use AUTOMATIC1111's webui 1.6–1.10, or disable PG")
+
+
+def unsupported_host():
+    """The name of the webui fork this is, if PG does not support it; None on webui."""
+    for package, name in FORK_PACKAGES:
+        try:
+            if importlib.util.find_spec(package) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
 
 
 def unwrapped_sample(p):
@@ -614,3 +637,6 @@ def adetailer_without_pg(p):
 
 
 CONTROLLER = Controller()
+
+if unsupported_host() is not None:
+    log("Error: " + UNSUPPORTED_HOST.format(host=unsupported_host()) + "; generations with PG enabled will stop with this message")
