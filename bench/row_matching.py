@@ -55,7 +55,7 @@ def time_case(family, batch, tiles, device, dtype, rounds):
         per_step.append(first - per_call[-1])
         assert len(router.current.weak if router.current else ()) == 0  # exit_unet cleared it
     return {"family": family, "batch": batch, "tiles": tiles, "rows": context.shape[0],
-            "call_us": round(statistics.median(per_call) * 1e6, 1),
+            "call_us": round(statistics.median(per_call) * 1e6, 1), "call_min_us": round(min(per_call) * 1e6, 1),
             "step_grouping_us": round(max(statistics.median(per_step), 0.0) * 1e6, 1)}
 
 
@@ -71,7 +71,7 @@ def main(argv=None):
         for batch, tiles in ((1, 1), (4, 1), (1, 8)):
             result = time_case(family, batch, tiles, device, dtype, args.rounds)
             results.append(result)
-            print(f"{family} batch {batch} tiles {tiles} ({result['rows']} rows): {result['call_us']} µs per call, "
+            print(f"{family} batch {batch} tiles {tiles} ({result['rows']} rows): {result['call_us']} µs per call (min {result['call_min_us']}), "
                   f"+{result['step_grouping_us']} µs once per step")
     print(json.dumps({"device": str(device), "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "cases": results}))
 
