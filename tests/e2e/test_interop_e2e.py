@@ -276,9 +276,7 @@ def write_tiny_controlnet(controlnet_dir):
     """models/ControlNet/<TINY_CONTROLNET>.safetensors (ControlNet's own model folder). Returns its path."""
     directory = os.path.join(h.webui_path(), "models", "ControlNet")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, TINY_CONTROLNET + ".safetensors")
-    if os.path.exists(path):
-        raise RuntimeError(f"{path} exists: remove it (a crashed run) or rename it")
+    path = os.path.join(directory, TINY_CONTROLNET + ".safetensors")  # the tests' own name: a leftover is replaced
     result = subprocess.run(
         [h.webui_python(), os.path.join(h.HERE, "make_tiny_controlnet.py"), path, "--controlnet", controlnet_dir,
          "--repos", os.path.join(h.webui_path(), "repositories"), "--config", json.dumps(CONTROLNET_CONFIG)],
@@ -459,7 +457,8 @@ def test_incantations_pag(interop):
     """PAG adds one all-conditional UNet call per step (scripts/pag.py on_cfg_denoised): it is the
     personalized model's; PG leaves it alone and must not report it as skipped work. Bar 2 does not
     apply: PAG's term uses the conditional rows at any cfg_scale, so the weak branch cannot be
-    isolated; instead PG with PAG must differ from PG without it (PAG acts) and from PAG without PG."""
+    isolated; instead PG with PAG must differ from PG without it (PAG acts) and from PAG without PG,
+    and at cfg_scale 1 (the weak branch cancels) PG must leave PAG's image as it is, up to rounding."""
     need(interop, INCANTATIONS)
     server, what = interop.server, "Incantations PAG"
     ext = incantations_pag(server, 3.0)
@@ -470,6 +469,14 @@ def test_incantations_pag(interop):
     assert not any("extra UNet calls" in value for value in pg_notes(guided).values()), pg_notes(guided)
     without_pag = generate(server, pg(omega=0.3, base=BASE))
     assert guided.pixels != without_pag.pixels, "PAG did not act with PG on"
+    # cfg_scale 1: webui's result is the conditional prediction (plus PAG's term, from PAG's own call):
+    # the weak branch cancels up to rounding, so PG at omega 0 must leave PAG's image (nearly) as it
+    # is; a PAG call routed to the weak weights would change it clearly
+    cfg1 = {"cfg_scale": 1}
+    difference = max_difference(generate(server, ext, cfg1, pg(omega=0.0, base=BASE)).pixels,
+                                generate(server, ext, cfg1).pixels)
+    print(f"\n[pg-e2e] {what}: cfg_scale 1, PG omega 0 vs PG off: max pixel difference {difference}")
+    assert difference <= 2, f"{what}: at cfg_scale 1 PG changed PAG's image by up to {difference}"
     check_left_nothing(interop, what)
 
 

@@ -7,6 +7,7 @@ Configuration comes from environment variables only:
   SD_WEBUI_EXTRA_ARGS    extra webui command-line flags (split on whitespace)
   SD_WEBUI_EXTENSIONS    a folder of third-party extension checkouts, one subfolder each (the
                          interop tests, test_interop_e2e.py, skip without it)
+  OMP_NUM_THREADS        passed on to webui; when unset, webui runs with 1 (see SERVER_THREADS)
 """
 
 import base64
@@ -41,6 +42,11 @@ WEBUI_VERSION = "1.10.1"
 CHECKPOINTS = ("tiny-sd15", "tiny-sd15-ft", "tiny-sd15-inpaint")
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# torch's CPU thread pool in the webui server, unless OMP_NUM_THREADS is set: on a shared 2-core
+# machine other processes' threads made the default pool spin, and a 64x64 tiny-model step took
+# 1-20 s instead of about 0.2 s. Every comparison is within one server, so the count does not
+# change what the tests assert.
+SERVER_THREADS = "1"
 CPU_FLAGS = [
     "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
     "--skip-python-version-check", "--no-download-sd-model", "--api", "--nowebui",
@@ -247,7 +253,8 @@ class WebuiServer:
         CURRENT_LOG["path"] = self.log_path
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, cwd=webui_path(), env={**os.environ, **OFFLINE_ENV},
+            env = {"OMP_NUM_THREADS": SERVER_THREADS, **os.environ, **OFFLINE_ENV}
+            self.process = subprocess.Popen(self.command, cwd=webui_path(), env=env,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         deadline = started + timeout
