@@ -11,7 +11,8 @@ repositories (a test whose extension is missing is skipped):
         python -m pytest -q tests/e2e/test_interop_e2e.py -s
 
 Their Python dependencies must be in webui's venv (webui runs with --skip-install, so no
-install.py runs). The module fixture links every checkout, this repository and a test-only helper
+install.py runs): ControlNet needs controlnet_aux, addict, yapf; ADetailer ultralytics, rich and
+mediapipe 0.10.13-0.10.15 (1.x has no mediapipe.solutions, which controlnet_aux imports too). The module fixture links every checkout, this repository and a test-only helper
 extension (written to a temp folder: it points ControlNet's hard-coded SD1 config at the tiny UNet
 and gives ADetailer's face detector a fixed box, since noise images from tiny models hold no face)
 into $SD_WEBUI_PATH/extensions, writes a tiny ControlNet (make_tiny_controlnet.py) and the tiny
@@ -25,8 +26,8 @@ The bar for every extension, with it active:
      up to WEAK_TOLERANCE. Both requests run with batch_cond_uncond off: webui then evaluates the
      unconditional rows in a call of their own, as PG's routed layers do, so no row-batching
      rounding enters the comparison. The tolerance: without any extension, PG at omega 0 already
-     differs from the reference model by up to 1 (of 255) in some pixels (after 3 steps with PG
-     as of ac091df, after 2 with the row matching of f03edb6), in both directions (active ft / base
+     differs from the reference model by up to 1 (of 255) in some pixels after a few steps (1 to 3,
+     depending on torch's thread count and PG's version), in both directions (active ft / base
      sd15 and active sd15 / base ft), for some seeds and not others
      (test_weak_branch_without_extensions measures it): last-bit float differences of the weak
      evaluation, not a routing error. The routing bugs these tests were written for showed as
