@@ -100,9 +100,13 @@ class Controller:
             self._fail_on_sample(p, error)
             return
         # XYZ plot cells are shallow copies of one p sharing this dict: drop
-        # what an earlier cell wrote there.
+        # what an earlier cell wrote there. The skipped note describes a
+        # sampling run, so an enabled p's note is replaced when its sampling
+        # ends (_sample), not here: ADetailer processes a shallow copy of p
+        # again after sampling, and that must not erase it.
         for key in INFOTEXT_KEYS:
-            p.extra_generation_params.pop(key, None)
+            if key != KEY_SKIPPED or not settings.enabled:
+                p.extra_generation_params.pop(key, None)
         if hasattr(p.sample, "pg_original"):  # a p processed again (e.g. by another script) is wrapped once
             p.sample = p.sample.pg_original
         if not settings.enabled:
@@ -217,6 +221,8 @@ class Controller:
         note = skipped_note(run.report, passes_without_pg)
         if note:
             p.extra_generation_params[KEY_SKIPPED] = note
+        else:
+            p.extra_generation_params.pop(KEY_SKIPPED, None)
         return result
 
     def _weak_model(self, model, settings, base_info):

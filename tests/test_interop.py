@@ -2,6 +2,8 @@
 fake webui: Tiled Diffusion's tiles, PAG's extra call, ControlNet's cond/uncond
 markers, ADetailer's passes, and an extension PG cannot follow."""
 
+import copy
+
 import pytest
 import torch
 
@@ -178,6 +180,14 @@ class ADetailerLike(scripts.Script):
 
     def is_ad_enabled(self, *args):
         return self.enabled
+
+    def postprocess_image(self, p, pp, *args):
+        # After its passes ADetailer runs every always-on script's process()
+        # again on a shallow copy of p (scripts/!adetailer.py, need_call_process).
+        if self.enabled:
+            again = copy.copy(p)
+            p.scripts.before_process(again)
+            p.scripts.process(again)
 
 
 @pytest.mark.parametrize("script_names, enabled, said", [
