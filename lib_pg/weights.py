@@ -135,6 +135,22 @@ class WeakLayer:
         return sum(t.numel() * t.element_size() for t in held)
 
 
+# torch's CPU allocator aligns every tensor it allocates to 64 bytes, so the
+# live weights are; tensors read from a safetensors file are slices of one
+# buffer at the file's offsets. CPU kernels take other (vectorised) paths on
+# unaligned data and round differently in the last bits.
+_ALLOCATOR_ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a fresh copy of it where its data is not aligned as torch
+    aligns its own allocations: the weak branch then computes exactly what
+    the same weights would as a loaded model's parameters."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % _ALLOCATOR_ALIGNMENT:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
 def interpolate(ref: torch.Tensor, live: torch.Tensor, omega: float) -> torch.Tensor:
     """θ_ref + ω·(θ_live − θ_ref), computed in float32, stored in the live dtype.
 
@@ -290,7 +306,7 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
             if live.device != device:
                 live = live.to(device)
             if base_state is not None:
-                ref = base_state[key].to(device=device, dtype=param.dtype)
+                ref = aligned(base_state[key].to(device=device, dtype=param.dtype))
                 if key in offsets:
                     ref = (ref.float() + offsets[key].to(device).float()).to(param.dtype)
             else:

@@ -92,3 +92,27 @@ def test_safetensors_round_trip_and_missing_file(tmp_path):
     assert all(same_bits(loaded[k], v) for k, v in base.state_dict().items())
     with pytest.raises(PGError, match="not found"):
         read_checkpoint(str(tmp_path / "nope.safetensors"))
+
+
+def test_weak_weights_read_from_a_file_compute_exactly_what_the_base_model_does(tmp_path):
+    """safetensors hands out tensors at the file's (unaligned) offsets; CPU kernels
+    round differently on those. The weak branch at ω = 0 must be the base model, bit for bit."""
+    from lib_pg.guidance import GuidanceRun
+    from lib_pg.settings import PGSettings
+    from lib_pg.weights import build_weak_model, read_checkpoint
+    from tests.helpers import make_pair
+    from tests.ldm_models import save_checkpoint
+
+    base, tuned = make_pair()
+    save_checkpoint(base.state_dict(), tmp_path / "base.safetensors")
+    weak = build_weak_model(tuned, read_checkpoint(str(tmp_path / "base.safetensors")), ("constant", 0.0))
+    assert all(t.data_ptr() % 64 == 0 for layer in weak.unet for t in layer.fixed)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.full((1,), 500.0)
+    c, u = torch.randn(1, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = base.model.diffusion_model(x, t, context=u)
+        with GuidanceRun(tuned.model.diffusion_model, weak, PGSettings(True, 0.0)) as run:
+            run.begin_step(0, 10, lambda: (c, u))
+            out = tuned.model.diffusion_model(x, t, context=u)
+    assert torch.equal(out, expected)
