@@ -4,6 +4,8 @@ Pure torch: the adapters call these where PG replaces a host tensor that
 another extension may have annotated.
 """
 
+import copy
+
 import torch
 
 # sd-webui-controlnet (scripts/hook.py, mark_prompt_context) prepends one token
@@ -32,7 +34,12 @@ def carry_marks(original, replacement):
     if isinstance(original, dict):
         if not isinstance(replacement, dict):
             return replacement
-        return {**replacement, "crossattn": carry_marks(original["crossattn"], replacement["crossattn"])}
+        crossattn = carry_marks(original["crossattn"], replacement["crossattn"])
+        if crossattn is replacement["crossattn"]:
+            return replacement
+        carried = copy.copy(replacement)  # keeps the host's dict type (webui's DictWithShape)
+        carried["crossattn"] = crossattn
+        return carried
     marks = controlnet_marks(original)
     if marks is None or controlnet_marks(replacement) is not None or marks.shape[0] != replacement.shape[0]:
         return replacement

@@ -145,8 +145,17 @@ def test_carry_marks_copies_the_marker_token_only_where_every_row_has_one():
     assert carried.shape == (2, 78, 8) and torch.equal(carried[:, :1], marked[:, :1]) and torch.equal(carried[:, 1:], ours)
     assert carry_marks(torch.randn(2, 78, 8), ours) is ours  # nothing marked: nothing to carry
     assert carry_marks(marked, marked) is marked  # already marked
-    sdxl = carry_marks({"crossattn": marked, "vector": torch.ones(2, 4)}, {"crossattn": ours, "vector": torch.zeros(2, 4)})
+    class DictWithShape(dict):  # webui's SDXL conditioning type (modules/prompt_parser.py)
+        @property
+        def shape(self):
+            return self["crossattn"].shape
+
+    ours_xl = DictWithShape(crossattn=ours, vector=torch.zeros(2, 4))
+    sdxl = carry_marks({"crossattn": marked, "vector": torch.ones(2, 4)}, ours_xl)
+    assert type(sdxl) is DictWithShape and sdxl.shape == (2, 78, 8)
     assert torch.equal(sdxl["crossattn"], carried) and torch.equal(sdxl["vector"], torch.zeros(2, 4))
+    assert ours_xl["crossattn"] is ours  # PG's cached conditioning is not changed
+    assert carry_marks({"crossattn": torch.randn(2, 78, 8)}, ours_xl) is ours_xl
 
 
 def test_unconditional_rows_pg_cannot_recognise_stop_the_generation(env, monkeypatch):
