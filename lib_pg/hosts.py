@@ -10,7 +10,7 @@
 import importlib.util
 
 WEBUI, FORGE, REFORGE = "webui", "forge", "reforge"
-SUPPORTED_FORKS = (REFORGE,)  # forks with an adapter of their own
+SUPPORTED_FORKS = (REFORGE, FORGE)  # forks with an adapter of their own
 
 
 def _present(name):
@@ -31,10 +31,15 @@ def detect():
 
 def controller():
     """The Controller for this host (imported lazily: each adapter imports its host's modules)."""
-    if detect() == REFORGE:
+    host = detect()
+    if host == REFORGE:
         from lib_pg import reforge_adapter
 
         return reforge_adapter.CONTROLLER
+    if host == FORGE:
+        from lib_pg import forge_adapter
+
+        return forge_adapter.CONTROLLER
     from lib_pg import webui_adapter
 
     return webui_adapter.CONTROLLER
