@@ -116,7 +116,7 @@ class ForgeController(fork.ReForgeController):
                 try:
                     ours = shared.sd_model is engine and getattr(shared.sd_model, "sd_checkpoint_info", None) is checkpoint
                     omega = run.begin_step(params.denoiser.step, params.denoiser.total_steps, params.x.shape[0], ours)
-                    if omega < 1.0 and texts.needed:
+                    if omega < 1.0 and texts.needed and params.text_uncond is not None:  # None: no negative prompt at CFG 1 (Forge)
                         params.text_uncond = carry_marks(params.text_uncond, texts.at(omega, params.denoiser.step))
                 except BaseException as error:
                     run.router.fail(error)

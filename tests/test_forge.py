@@ -218,7 +218,12 @@ def test_fine_tuned_text_encoder_encodes_the_weak_negative_prompt(tmp_path, monk
         _forget_fake_forge()
 
 
-def test_cfg_scale_one_runs_no_unconditional_pass_and_says_so(forge):
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_cfg_scale_one_runs_no_unconditional_pass_and_says_so(forge, text_encoder):
+    """Forge drops the negative conditioning altogether at CFG Scale 1 (params.text_uncond is None)."""
+    if text_encoder:  # a weak text encoder: PG must not put a weak negative prompt where there is none
+        with torch.no_grad():
+            forge.tuned_inner.cond_stage_model.transformer.text_model.final_layer_norm.weight.add_(0.1)
     plain, _ = forge.generate(cfg_scale=1.0)
     guided, _ = forge.generate(pg_args(0.3), cfg_scale=1.0)
     assert same_images(plain, guided)

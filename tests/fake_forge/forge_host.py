@@ -58,8 +58,10 @@ def forge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_
     state, opts = shared.state, shared.opts
     if state.interrupted or state.skipped:
         raise sd_samplers_common.InterruptedException
+    if self.p.cfg_scale == 1:  # modules/processing.py setup_conds (Forge): no negative conditioning at CFG 1
+        uncond = None
     cond_composition, cond = prompt_parser.reconstruct_multicond_batch(cond, self.step)
-    uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
+    uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
     params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps, cond, uncond, self)
     cfg_denoiser_callback(params)
     if opts.skip_early_cond != 0. and self.step / self.total_steps <= opts.skip_early_cond:
