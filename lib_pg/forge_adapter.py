@@ -21,7 +21,6 @@ import torch
 
 from lib_pg import reforge_adapter as fork
 from lib_pg import webui_adapter as host
-from lib_pg.checkpoints import FingerprintCache  # noqa: F401 (kept for symmetry with the other adapters)
 from lib_pg.errors import PGError
 from lib_pg.forks import TaggedGuidanceRun, place_like_live
 from lib_pg.guidance import UnroutedStep, live_version

@@ -81,6 +81,18 @@ def forge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_
     return denoised
 
 
+class CLIPEmbeddingForTextualInversion(torch.nn.Module):
+    # backend/text_processing/classic_engine.py: wraps the token embedding and registers its
+    # weight as its own `weight` too; the forward reads the wrapped embedding's.
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+        self.weight = self.wrapped.weight
+
+    def forward(self, input_ids):
+        return self.wrapped(input_ids)
+
+
 class _ForgeUNetForward:
     # backend/nn/unet.py IntegratedUNet2DConditionModel.forward's signature
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
@@ -91,6 +103,8 @@ def install(sd_model, monkeypatch, engine_name="StableDiffusion"):
     """Make the fake webui's loaded `sd_model` look like Forge's engine, for one test."""
     unet = sd_model.model.diffusion_model
     monkeypatch.setattr(unet, "__class__", type("IntegratedUNet2DConditionModel", (_ForgeUNetForward, type(unet)), {}))
+    embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
+    monkeypatch.setattr(embeddings, "token_embedding", CLIPEmbeddingForTextualInversion(embeddings.token_embedding))
     clip_l = torch.nn.Module()  # backend/nn/clip.py IntegratedCLIP: the HF model as `.transformer`, and its own logit_scale
     clip_l.transformer = sd_model.cond_stage_model.transformer
     clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
