@@ -160,8 +160,9 @@ def timed(label, result):
 
 
 @pytest.fixture(scope="module")
-def fork():
+def fork(request):
     started = time.perf_counter()
+    failures_before = request.session.testsfailed
     models = os.path.join(FORK.path, "models", "Stable-diffusion")
     repos = os.path.join(FORK.path, "repositories")
     out = subprocess.run([FORK.python, GENERATOR, models, "--repos", repos], cwd=FORK.path,
@@ -184,6 +185,8 @@ def fork():
         server.stop()
         if made_link:
             os.unlink(link)
+        if request.session.testsfailed == failures_before and os.path.exists(server.log_path):
+            os.remove(server.log_path)  # kept (and its tail shown in the report) when a test failed
         print(f"\n[pg-e2e-{FORK.name}] fixture total {time.perf_counter() - started:.1f} s; "
               + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in TIMINGS))
 
