@@ -1,4 +1,4 @@
-"""Which webui this is, from the packages it ships (never from version strings).
+"""Which webui this is, from the packages it ships (never from version strings), and its Controller.
 
 - reForge (Panchovix/stable-diffusion-webui-reForge): `ldm_patched/` and
   `modules_forge/`, no `backend/`.

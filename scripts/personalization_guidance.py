@@ -9,7 +9,7 @@ from lib_pg import hosts
 from lib_pg import settings as pg_settings
 from lib_pg import webui_adapter
 
-# webui's Controller, or the one of a supported fork (reForge), chosen by the packages the host ships.
+# webui's Controller, or the one of a supported fork (Forge, reForge), chosen by the packages the host ships.
 CONTROLLER = hosts.controller()
 
 TITLE = "Personalization Guidance"
