@@ -327,7 +327,12 @@ UNSUPPORTED_HOST = ("this webui is {host}, which PG does not support yet (it sam
 
 
 def unsupported_host():
-    """The name of the webui fork this is, if PG does not support it; None on webui."""
+    """The name of the webui fork this is, if PG does not support it; None on webui
+    and on the forks PG supports (lib_pg.hosts; they have adapters of their own)."""
+    from lib_pg import hosts  # noqa: PLC0415
+
+    if hosts.detect() in hosts.SUPPORTED_FORKS:
+        return None
     for package, name in FORK_PACKAGES:
         try:
             if importlib.util.find_spec(package) is not None:

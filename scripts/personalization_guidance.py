@@ -5,8 +5,12 @@ UI and webui lifecycle only; the work happens in lib_pg (via its webui adapter).
 
 from modules import script_callbacks, scripts
 
+from lib_pg import hosts
 from lib_pg import settings as pg_settings
 from lib_pg import webui_adapter
+
+# webui's Controller, or the one of a supported fork (Forge, reForge), chosen by the packages the host ships.
+CONTROLLER = hosts.controller()
 
 TITLE = "Personalization Guidance"
 
@@ -97,10 +101,10 @@ class PersonalizationGuidanceScript(scripts.Script):
         return [enabled, omega, base, weak_prompt, schedule, omega_end, start, end, strip_loras]
 
     def process(self, p, *args):
-        webui_adapter.CONTROLLER.prepare(p, args)
+        CONTROLLER.prepare(p, args)
 
     def postprocess(self, p, processed, *args):
-        webui_adapter.CONTROLLER.after_generation()
+        CONTROLLER.after_generation()
 
 
 def _accordion(gr, tab):
@@ -130,12 +134,12 @@ class _CheckboxAccordion:
 
 
 def _on_script_unloaded():
-    webui_adapter.CONTROLLER.shutdown()
-    for callback in (webui_adapter.CONTROLLER.on_model_loaded, _on_script_unloaded, _register_xyz_axes):
+    CONTROLLER.shutdown()
+    for callback in (CONTROLLER.on_model_loaded, _on_script_unloaded, _register_xyz_axes):
         script_callbacks.remove_callbacks_for_function(callback)
 
 
-script_callbacks.on_model_loaded(webui_adapter.CONTROLLER.on_model_loaded)
+script_callbacks.on_model_loaded(CONTROLLER.on_model_loaded)
 script_callbacks.on_script_unloaded(_on_script_unloaded)
 
 

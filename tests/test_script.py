@@ -360,9 +360,10 @@ def test_hires_pass_with_a_fine_tuned_text_encoder(tmp_path):
 
 @pytest.mark.parametrize("package, host", [("backend", "Forge"), ("ldm_patched", "reForge")])
 def test_an_unsupported_fork_refuses_enabled_generations_by_name(env, monkeypatch, package, host):
-    """On Forge or reForge (found by the packages they add, never by version
-    strings) an enabled generation stops with a message naming the host;
-    disabled generations run as usual."""
+    """A Forge-like host PG cannot identify as Forge or reForge (found by the
+    packages they add, never by version strings: here one package without
+    modules_forge/) stops an enabled generation with a message naming the
+    host; disabled generations run as usual."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == package else real_find_spec(name, *a))
     assert webui_adapter.unsupported_host() == host

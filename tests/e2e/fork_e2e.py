@@ -1,0 +1,285 @@
+"""End-to-end tests shared by the Forge-family hosts (test_reforge_e2e.py, test_forge_e2e.py).
+
+The thin test modules set FORK (the host's name, its install path and python from the
+environment) and import every test and fixture from here. Each run generates a random full-size
+SD 1.5 (rand-sd15) and a "fine-tune" of it (rand-sd15-ft) into $PATH/models/Stable-diffusion
+(tests/e2e/make_sd15_checkpoints.py, run with the fork's python; skipped when its manifest matches;
+about 2 GB each: the forks detect the family from tensor shapes and do not load tiny models),
+symlinks this repository into $PATH/extensions and starts the fork API-only on CPU (--always-cpu)
+with rand-sd15-ft active. Expect 5-15 s per 64x64, 4-step image and 40-50 s per checkpoint switch
+on a small CPU machine, 6-7 GB of RAM plus the weak weights (3.3 GB in fp32).
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import threading
+import time
+
+import pytest
+
+from . import webui_harness as h
+
+
+
+class Fork:
+    """The host under test: name (as PG's messages say it), install path, python."""
+
+    def __init__(self, name, path_var, python_var, packages):
+        self.name, self.path_var, self.python_var = name, path_var, python_var
+        self.path = os.environ.get(path_var)
+        self.python = os.environ.get(python_var) or (os.path.join(self.path, "venv", "bin", "python") if self.path else None)
+        self.packages = packages
+
+    def skip_reason(self):
+        if not self.path:
+            return f"{self.name} end-to-end tests need a {self.name} install: set {self.path_var} (and {self.python_var})"
+        missing = [p for p in self.packages if not os.path.isdir(os.path.join(self.path, p))]
+        if missing:
+            return f"{self.path_var}={self.path} is not a {self.name} install (no {', '.join(missing)})"
+        return None
+
+
+FORK = None  # set by the importing test module before the tests run
+
+TITLE = "Personalization Guidance"
+BASE = "rand-sd15"
+ACTIVE = "rand-sd15-ft"
+GENERATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_sd15_checkpoints.py")
+FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+         "--skip-python-version-check", "--no-download-sd-model", "--api", "--nowebui", "--always-cpu"]
+# A negative prompt of 5 chunks of 75 tokens: its cross-attention length is more than 4 times the
+# prompt's, so the forks' calc_cond_(uncond_)batch cannot batch it with the prompt (can_concat_cond) and
+# run the unconditional chunk in a UNet call of its own.
+LONG_NEGATIVE = " ".join(["blurry"] * 330)
+
+REQUEST = {
+    "prompt": "a photo of sks dog on the beach",
+    "negative_prompt": "blurry",
+    "steps": 4,
+    "width": 64,
+    "height": 64,
+    "sampler_name": "Euler",
+    "scheduler": "Automatic",
+    "seed": 1234,
+    "cfg_scale": 5,
+    "batch_size": 1,
+    "send_images": True,
+    "save_images": False,
+    "override_settings": {"live_previews_enable": False},  # its TAESD preview would be downloaded
+}
+
+
+def pg(**settings):
+    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, "base": BASE, **settings}]}}}
+
+
+class Result:
+    def __init__(self, body, seconds):
+        self.body = body
+        self.seconds = seconds
+        self.info = json.loads(body["info"])
+        self.infotext = self.info["infotexts"][0]
+        self.size, self.pixels = h.image_pixels(body["images"][0])
+
+
+def max_difference(a, b):
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+class ForkServer:
+    def __init__(self, checkpoint):
+        self.port = h.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(FORK.path, f"pg-e2e-{FORK.name.lower()}-{self.port}.log")
+        ckpt = os.path.join(FORK.path, "models", "Stable-diffusion", checkpoint + ".safetensors")
+        self.command = [FORK.python, "launch.py", *FLAGS, "--server-name", "127.0.0.1", "--port", str(self.port), "--ckpt", ckpt,
+                        *shlex.split(os.environ.get("FORK_EXTRA_ARGS", ""))]
+        self.process = None
+
+    def start(self, timeout=600):
+        h.CURRENT_LOG["path"] = self.log_path
+        started = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, cwd=FORK.path, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **h.OFFLINE_ENV}, start_new_session=True)
+        while time.perf_counter() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{FORK.name} exited with {self.process.returncode}; log {self.log_path}")
+            try:
+                status, _ = h.request(self.url, "GET", "/sdapi/v1/sd-models", timeout=10)
+                if status == 200:
+                    self.start_seconds = time.perf_counter() - started
+                    return
+            except OSError:
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"{FORK.name}'s API did not answer within {timeout} s; log {self.log_path}")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+
+
+def call(server, extra=None):
+    payload = {**REQUEST, **(extra or {})}
+    if extra and "override_settings" in extra:
+        payload["override_settings"] = {**REQUEST["override_settings"], **extra["override_settings"]}
+    started = time.perf_counter()
+    status, body = h.request(server.url, "POST", "/sdapi/v1/txt2img", payload, timeout=1800)
+    return status, body, time.perf_counter() - started
+
+
+def generate(server, extra=None):
+    status, body, seconds = call(server, extra)
+    assert status == 200, f"txt2img answered {status}: {json.dumps(body)[:3000]}"
+    return Result(body, seconds)
+
+
+def expect_error(server, extra, *fragments):
+    status, body, _ = call(server, extra)
+    text = json.dumps(body) if not isinstance(body, str) else body
+    assert status >= 400, f"expected an error, got {status}: {text[:2000]}"
+    for fragment in fragments:
+        assert fragment in text, f"the error does not mention {fragment!r}: {text[:2000]}"
+
+
+TIMINGS = []
+
+
+def timed(label, result):
+    TIMINGS.append((label, result.seconds))
+    return result
+
+
+@pytest.fixture(scope="module")
+def fork(request):
+    started = time.perf_counter()
+    failures_before = request.session.testsfailed
+    models = os.path.join(FORK.path, "models", "Stable-diffusion")
+    repos = os.path.join(FORK.path, "repositories")
+    out = subprocess.run([FORK.python, GENERATOR, models, "--repos", repos], cwd=FORK.path,
+                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, out.stdout[-4000:]
+    link = os.path.join(FORK.path, "extensions", h.EXTENSION_NAME)
+    made_link = False
+    if os.path.lexists(link):
+        assert os.path.realpath(link) == os.path.realpath(h.REPO_ROOT), f"{link} is not this repository"
+    else:
+        os.symlink(h.REPO_ROOT, link, target_is_directory=True)
+        made_link = True
+    server = ForkServer(ACTIVE)
+    try:
+        server.start()
+        print(f"\n[pg-e2e-{FORK.name}] checkpoints {out.stdout.strip().splitlines()[-1]}; API after {server.start_seconds:.1f} s")
+        yield server
+    finally:
+        server.stop()
+        if made_link:
+            os.unlink(link)
+        if request.session.testsfailed == failures_before and os.path.exists(server.log_path):
+            os.remove(server.log_path)  # kept (and its tail shown in the report) when a test failed
+        print(f"\n[pg-e2e-{FORK.name}] fixture total {time.perf_counter() - started:.1f} s; "
+              + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in TIMINGS))
+
+
+@pytest.fixture(scope="module")
+def disabled(fork):
+    return timed("disabled", generate(fork))
+
+
+def test_the_extension_runs_on_the_fork(fork):
+    status, scripts = h.request(fork.url, "GET", "/sdapi/v1/scripts")
+    assert status == 200 and TITLE.lower() in scripts["txt2img"]
+    with open(fork.log_path, encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    assert "does not support yet" not in log and "Error loading script: personalization_guidance" not in log
+
+
+def test_omega_one_is_pg_disabled_bit_for_bit(fork, disabled):
+    same = timed("ω=1", generate(fork, pg(omega=1.0)))
+    assert same.pixels == disabled.pixels
+    assert "PG omega: 1.0" in same.infotext
+
+
+@pytest.fixture(scope="module")
+def pg03(fork):
+    return timed("ω=0.3 (first: weak weights built)", generate(fork, pg(omega=0.3)))
+
+
+def test_omega_03_changes_the_image_and_every_step_is_guided(fork, disabled, pg03):
+    assert max_difference(pg03.pixels, disabled.pixels) > 10
+    assert "PG omega: 0.3" in pg03.infotext and f"PG base: {BASE}" in pg03.infotext
+    assert "PG skipped" not in pg03.infotext
+    again = timed("ω=0.3 (cached)", generate(fork, pg(omega=0.3)))
+    assert again.pixels == pg03.pixels
+
+
+def test_cfg_scale_one_has_no_unconditional_pass_and_says_so(fork):
+    plain = generate(fork, {"cfg_scale": 1})
+    guided = generate(fork, {"cfg_scale": 1, **pg(omega=0.3)})
+    assert guided.pixels == plain.pixels
+    assert f"4 steps without unconditional pass ({FORK.name} ran no unconditional pass" in guided.infotext
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (pg(omega=0.3, base="no-such-model"), ["unknown base checkpoint 'no-such-model'"]),
+    (pg(omega=0.3, base="", strip_loras="mydog"), ["'strip_loras' (LoRAs to strip) is not supported on"]),
+    (pg(omega=1.5), ["omega"]),
+    ({**pg(omega=0.3), "prompt": "a photo of sks dog <lora:nope:1>"}, []),  # an unknown LoRA: the fork ignores it, PG runs
+])
+def test_bad_input_stops_the_generation(fork, extra, fragments):
+    if not fragments:
+        assert generate(fork, extra).size == (64, 64)
+        return
+    expect_error(fork, extra, *fragments)
+
+
+def test_an_interrupted_generation_leaves_the_model_as_it_was(fork, disabled):
+    done = {}
+
+    def run():
+        done["result"] = call(fork, {**pg(omega=0.3), "steps": 12})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(12)
+    h.request(fork.url, "POST", "/sdapi/v1/interrupt", {})
+    thread.join(900)
+    assert done["result"][0] == 200
+
+
+def test_the_model_is_unchanged_after_success_error_and_interrupt(fork, disabled, pg03):
+    after = timed("disabled again", generate(fork))
+    assert after.pixels == disabled.pixels
+
+
+def test_omega_zero_is_the_base_model_at_cfg_zero(fork):
+    """At CFG Scale 0 the fork's image is the unconditional branch's alone (cfg_function:
+    uncond + (cond − uncond)·0). With ω = 0 that branch is the base checkpoint's UNet and text
+    encoder: bit for bit when the unconditional chunk runs in a UNet call of its own (a long
+    negative prompt); batched with the conditional chunk, the rows of one call are split per
+    layer, and the kernels round a 1-row batch differently from a 2-row one."""
+    own = {"cfg_scale": 0, "negative_prompt": LONG_NEGATIVE}
+    batched = {"cfg_scale": 0}
+    guided_own = timed("ω=0 cfg 0 (uncond alone)", generate(fork, {**own, **pg(omega=0.0)}))
+    guided_batched = generate(fork, {**batched, **pg(omega=0.0)})
+    active_own = generate(fork, own)
+    to_base = {"override_settings": {"sd_model_checkpoint": BASE}, "override_settings_restore_afterwards": True}
+    base_own = timed("base checkpoint cfg 0 (switch)", generate(fork, {**own, **to_base}))
+    base_batched = generate(fork, {**batched, **to_base})
+    assert f"Model: {BASE}," in base_own.infotext
+    assert guided_own.pixels == base_own.pixels
+    assert max_difference(guided_batched.pixels, base_batched.pixels) <= 2
+    assert max_difference(active_own.pixels, base_own.pixels) > 10
+    print(f"\n[pg-e2e-{FORK.name}] ω=0 vs base at cfg 0: uncond alone {max_difference(guided_own.pixels, base_own.pixels)}, "
+          f"batched {max_difference(guided_batched.pixels, base_batched.pixels)} (active vs base: "
+          f"{max_difference(active_own.pixels, base_own.pixels)})")

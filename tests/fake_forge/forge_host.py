@@ -1,0 +1,116 @@
+"""What Forge changes in webui's front end, on top of the fake webui.
+
+- modules/sd_samplers_cfg_denoiser.py CFGDenoiser.forward (Forge): B rows in the step's params,
+  the callback first, then NGMS / Skip Early CFG set cond_scale = 1, then
+  backend/sampling/sampling_function.py sampling_function evaluates [cond entries, uncond entry]
+  (reading `text_uncond` back from the params).
+- backend/diffusion_engine/sd15.py StableDiffusion: not an nn.Module; `forge_objects.unet.model`
+  is a KModel around `diffusion_model`, `forge_objects.clip.cond_stage_model.clip_l` the text
+  encoder (an IntegratedCLIP: `.transformer` plus its own `logit_scale`).
+"""
+
+import torch
+
+from backend.sampling.sampling_function import sampling_function_inner
+from modules import prompt_parser, sd_samplers_cfg_denoiser, sd_samplers_common, shared
+from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
+
+
+class KModel(torch.nn.Module):
+    # backend/modules/k_model.py KModel.apply_model (eps prediction)
+    def __init__(self, diffusion_model, sigma_to_t):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.storage_dtype = torch.float32
+        self._sigma_to_t = sigma_to_t
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = x / (sigma[:, None, None, None] ** 2 + 1) ** 0.5
+        timestep = self._sigma_to_t(sigma).to(x.dtype)
+        eps = self.diffusion_model(xc, timestep, context=c_crossattn, control=control, transformer_options=transformer_options,
+                                   **kwargs).float()
+        return x - eps * sigma[:, None, None, None]
+
+
+class ModelPatcher:
+    # backend/patcher/base.py ModelPatcher (the fields PG reads)
+    def __init__(self, model):
+        self.model = model
+        self.lora_patches = {}
+        self.model_options = {"transformer_options": {}}
+
+
+class CLIP:
+    # backend/patcher/clip.py CLIP
+    def __init__(self, clip_l):
+        self.cond_stage_model = torch.nn.ModuleDict({"clip_l": clip_l})
+        self.patcher = ModelPatcher(self.cond_stage_model)
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip):
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, None, None
+
+
+def forge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
+    # modules/sd_samplers_cfg_denoiser.py CFGDenoiser.forward (Forge @ dfdcbab6, :150-230)
+    state, opts = shared.state, shared.opts
+    if state.interrupted or state.skipped:
+        raise sd_samplers_common.InterruptedException
+    if self.p.cfg_scale == 1:  # modules/processing.py setup_conds (Forge): no negative conditioning at CFG 1
+        uncond = None
+    cond_composition, cond = prompt_parser.reconstruct_multicond_batch(cond, self.step)
+    uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
+    params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps, cond, uncond, self)
+    cfg_denoiser_callback(params)
+    if opts.skip_early_cond != 0. and self.step / self.total_steps <= opts.skip_early_cond:
+        cond_scale = 1.0
+    elif (self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+        cond_scale = 1.0
+    engine = shared.sd_model
+    unet = engine.forge_objects.unet
+    # backend/sampling/sampling_function.py sampling_function: compile_conditions
+    uncond_entries = [{"model_conds": {"c_crossattn": params.text_uncond}}]
+    cond_entries = []
+    for cond_pre in map(list, zip(*cond_composition)):
+        indices = [i for i, _w in cond_pre]
+        cond_entries.append({"model_conds": {"c_crossattn": params.text_cond[indices]}, "strength": cond_pre[-1][1]})
+    denoised = sampling_function_inner(unet.model, x, sigma, uncond_entries, cond_entries, cond_scale, unet.model_options)
+    self.step += 1
+    return denoised
+
+
+class CLIPEmbeddingForTextualInversion(torch.nn.Module):
+    # backend/text_processing/classic_engine.py: wraps the token embedding and registers its
+    # weight as its own `weight` too; the forward reads the wrapped embedding's.
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+        self.weight = self.wrapped.weight
+
+    def forward(self, input_ids):
+        return self.wrapped(input_ids)
+
+
+class _ForgeUNetForward:
+    # backend/nn/unet.py IntegratedUNet2DConditionModel.forward's signature
+    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        return super().forward(x, timesteps, context=context, y=y)
+
+
+def install(sd_model, monkeypatch, engine_name="StableDiffusion"):
+    """Make the fake webui's loaded `sd_model` look like Forge's engine, for one test."""
+    unet = sd_model.model.diffusion_model
+    monkeypatch.setattr(unet, "__class__", type("IntegratedUNet2DConditionModel", (_ForgeUNetForward, type(unet)), {}))
+    embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
+    monkeypatch.setattr(embeddings, "token_embedding", CLIPEmbeddingForTextualInversion(embeddings.token_embedding))
+    clip_l = torch.nn.Module()  # backend/nn/clip.py IntegratedCLIP: the HF model as `.transformer`, and its own logit_scale
+    clip_l.transformer = sd_model.cond_stage_model.transformer
+    clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+    wrap = sd_samplers_common.CompVisDenoiserLike(sd_model)
+    forge_objects = ForgeObjects(ModelPatcher(KModel(unet, wrap.sigma_to_t)), CLIP(clip_l))
+    sd_model.__dict__["forge_objects"] = forge_objects
+    monkeypatch.setattr(sd_model, "__class__", type(engine_name, (type(sd_model),), {}))
+    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", forge_forward)
+    return forge_objects
