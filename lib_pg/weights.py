@@ -101,6 +101,7 @@ class WeakLayer:
     fixed_omega: float = None
     corrections: tuple = ()  # x -> Δy of stripped low-rank networks; weak rows add (ω − 1)·ΣΔy
     scope: object = None  # ω -> context manager the weak rows run in (e.g. network multipliers set to ω·m)
+    correction_bytes: int = 0  # memory the corrections hold (lean factors; a LoRA's own weights count elsewhere)
     _fixed_swaps: tuple = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -132,7 +133,7 @@ class WeakLayer:
 
     def nbytes(self) -> int:
         held = (self.ref or ()) + (self.fixed or ())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in held) + self.correction_bytes
 
 
 def interpolate(ref: torch.Tensor, live: torch.Tensor, omega: float) -> torch.Tensor:
