@@ -510,7 +510,10 @@ def read_lean_file(path: str, device="cpu") -> LeanFactors:
 
     info = read_lean_metadata(path)
     names = info["names"]
-    tensors = load_file(path, device=str(device))
+    # Fresh allocations: safetensors' buffers are only 8-byte aligned, and
+    # oneDNN's kernels round differently on those (the cached file must give
+    # the freshly factored result bit for bit).
+    tensors = {key: tensor.clone() for key, tensor in load_file(path, device=str(device)).items()}
     lean = LeanFactors(budget_bytes=info["budget_bytes"], spent_bytes=info["spent_bytes"],
                        total_energy=info["total_energy"], captured_energy=info["captured_energy"],
                        dtype=getattr(torch, info["dtype"]), differing_bytes=info["differing_bytes"])

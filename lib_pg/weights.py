@@ -194,6 +194,7 @@ class WeakModel:
     text_scope: object = None  # ω -> context manager for the weak text encoder's call, if any
     base_family: str = ""
     live_family: str = ""
+    description: str = ""  # how the weak weights are held, for the infotext ("exact", "low-rank 256 MiB, 91 %")
 
     @property
     def extra_bytes(self) -> int:

@@ -3,6 +3,8 @@ budget, the file it writes, and the weak model built from it."""
 
 import io
 import math
+import os
+import sys
 import pytest
 import torch
 
@@ -255,3 +257,59 @@ def test_extract_refuses_missing_files_and_identical_models(low_rank_pair, capsy
     code, _out, _err = run_cli("extract", base)
     err = capsys.readouterr().err  # argparse's own stream
     assert code == 2 and err.count("\n") == 1 and "required: BASE, -o/--out" in err
+
+
+# -- the file as an ordinary LoRA in webui ---------------------------------------------------
+
+def unet_and_text_outputs(model):
+    x, t, _ = step_inputs(2)
+    with torch.no_grad():
+        context = model.cond_stage_model(model.cond_stage_model.encode(["a photo of sks dog", ""]))
+        return model.model.diffusion_model(x, t, context=context), context
+
+
+@pytest.mark.parametrize("budget", ["rank", "exact"])
+def test_file_loads_as_a_lora_on_the_base_through_webuis_lora_extension(tmp_path, budget):
+    """webui's Lora extension (its fake, tests/fake_webui/lora) loads the file
+    onto the base checkpoint: base + LoRA at weight 1 is the fine-tune, exactly
+    where the budget holds the difference (rank ≤ r, or everything copied)."""
+    lora_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_webui", "lora")
+    if lora_dir not in sys.path:
+        sys.path.insert(0, lora_dir)
+    import networks  # noqa: PLC0415
+    from modules import sd_models, shared  # noqa: PLC0415
+
+    base = make_sd1("tiny", seed=0)
+    tuned = low_rank_tune(base)
+    with torch.no_grad():  # biases and norms too: they go in as LyCORIS "full" differences
+        tuned.model.diffusion_model.out[0].weight.add_(0.1)
+        tuned.model.diffusion_model.input_blocks[1][0].in_layers[2].bias.add_(0.1)
+    active_path, base_path = write_pair(tmp_path, base, tuned)
+    size = rank_budget(base, RANK) * 1.05 if budget == "rank" else 10**9
+    lean = factor(active_path, base_path, int(size))
+    lora_path = str(tmp_path / "subject.safetensors")
+    lowrank.write_lean_file(lean, lora_path)
+
+    expected_unet, expected_text = unet_and_text_outputs(tuned)
+    plain_unet, _ = unet_and_text_outputs(base)
+    shared.reset()
+    networks.reset()
+    networks.install_patches()
+    try:
+        sd_models.set_model(sd_models.FakeSdModel(base))
+        networks.assign_network_names_to_compvis_modules(shared.sd_model)
+        networks.register_network(lora_path, name="subject")
+        networks.load_networks(["subject"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
+        assert not networks.extra_network_lora.errors
+        net = networks.loaded_networks[0]
+        assert any(type(m).__name__ == "NetworkModuleLora" for m in net.modules.values()) == (budget == "rank")
+        got_unet, got_text = unet_and_text_outputs(base)
+        networks.load_networks([], dyn_dims=[])
+        unet_and_text_outputs(base)  # webui restores the weights at the next forward
+    finally:
+        networks.uninstall_patches()
+        networks.reset()
+        shared.reset()
+    assert relative(got_text, expected_text) <= 1e-5
+    assert relative(got_unet, expected_unet) <= 1e-5
+    assert relative(plain_unet, expected_unet) > 1e-3

@@ -79,7 +79,7 @@ def test_settings_section_and_their_effects(env):
     assert webui_adapter.CONTROLLER.cache.weak is None  # freed after the generation
     shared.opts.data["pg_memory_budget_mb"] = 1
     with pytest.raises(PGError, match="above the memory budget of 1 MiB"):
-        env.generate(pg_args(0.3))
+        env.generate(pg_args(0.3, weights="exact"))  # (automatic weights would go lean: tests/test_lean_webui.py)
     shared.opts.data["pg_memory_budget_mb"] = 0
     shared.opts.data["pg_default_base"] = "base"
     runner = scripts.ScriptRunner()
