@@ -50,7 +50,7 @@ def synthetic_reference(live, seed=5):
             a = torch.nn.functional.normalize(torch.randn(m, k, generator=g), dim=0)
             b = torch.nn.functional.normalize(torch.randn(k, n, generator=g), dim=1)
             s = 1.0 / torch.arange(1, k + 1, dtype=torch.float32)
-            d = (a * s) @ b
+            d = ((a * s) @ b).reshape(w.shape)
         else:
             d = torch.randn(w.shape, generator=g)
         d *= target / max(float(d.norm()), 1e-30)

@@ -6,6 +6,7 @@ and where a generation can be stopped for real. Forge support would replace
 this module, not the core.
 """
 
+import math
 import os
 import sys
 import time
@@ -351,7 +352,11 @@ def weights_plan(settings, exact_bytes, available_bytes):
         return WeightsPlan() if requested >= exact_bytes else WeightsPlan(requested)
     if available_bytes is None or exact_bytes <= available_bytes:
         return WeightsPlan()
-    return WeightsPlan(min(requested, available_bytes))
+    if requested <= available_bytes:
+        return WeightsPlan(requested)
+    # Free memory moves a little between generations: a power of two MiB keeps
+    # the budget (and so the cached factors) the same across them.
+    return WeightsPlan(2 ** max(int(math.log2(max(available_bytes, 2**20))), 20))
 
 
 def memory_budget_bytes():

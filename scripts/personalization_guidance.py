@@ -224,7 +224,8 @@ def _add_settings():
                                              refresh=sd_models.list_models, section=section),
         "pg_keep_weak_weights": shared.OptionInfo(True, "Keep the weak weights in memory between generations (faster; they hold memory while idle)",
                                                   section=section),
-        "pg_memory_budget_mb": shared.OptionInfo(0, "Memory budget for the weak weights, MiB (0: no limit; above it the generation stops with a message)",
+        "pg_memory_budget_mb": shared.OptionInfo(0, "Memory budget for the weak weights, MiB (0: the GPU's free memory less a margin; no limit on a CPU). "
+                                                 "Above it automatic weights become low-rank factors; exact ones stop the generation with a message",
                                                  gr.Number, {"precision": 0}, section=section),
         "pg_accordion_open": shared.OptionInfo(False, "Open the Personalization Guidance accordion by default", section=section),
     }

@@ -113,7 +113,7 @@ def test_the_plan_exact_or_lean():
     assert plan(pg_settings.PGSettings(True, weights="lean", lean_budget_mb=100), 100 * mib, None).lean_budget is None
     assert plan(auto, 100 * mib, None).lean_budget is None  # no limit (a CPU, no budget set): exact
     assert plan(auto, 100 * mib, 100 * mib).lean_budget is None
-    assert plan(auto, 100 * mib, 5 * mib).lean_budget == 5 * mib  # the default share, within what is available
+    assert plan(auto, 100 * mib, 5 * mib).lean_budget == 4 * mib  # what is available, as a power of two MiB
     assert plan(auto, 100 * mib, 50 * mib).lean_budget == lowrank.default_budget(100 * mib)
 
 

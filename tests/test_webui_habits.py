@@ -31,7 +31,8 @@ def test_axes_are_registered_once_before_the_ui(env):
     script_callbacks.before_ui_callback()
     script_callbacks.before_ui_callback()
     labels = [o.label for o in xyz_grid_fake.axis_options]
-    wanted = ["[PG] Enabled", "[PG] ω", "[PG] ω end", "[PG] Base checkpoint", "[PG] Weak prompt", "[PG] Strip LoRAs"]
+    wanted = ["[PG] Enabled", "[PG] ω", "[PG] ω end", "[PG] Base checkpoint", "[PG] Weak prompt", "[PG] Strip LoRAs",
+              "[PG] Weights"]
     assert [label for label in labels if label.startswith("[PG]")] == wanted
     assert axis("[PG] Enabled").choices() == ["False", "True"]
     assert sd_models.get_closet_checkpoint_match("base").title in axis("[PG] Base checkpoint").choices()
