@@ -195,8 +195,8 @@ class Candidate:
     shape: tuple
     energy: float                 # ‖D‖² of this tensor (float64 sum)
     singular_values: tuple = ()   # descending; empty: not factorable
-    factors: tuple = None         # (up, down) float32, truncated as the allocation goes
-    diff: torch.Tensor = None     # the whole difference (exact-only tensors)
+    factors: tuple = None         # (up, down) float32 CPU, truncated by `prune` as factoring goes
+    diff: torch.Tensor = None     # the whole difference, where a copy may be chosen
 
     @property
     def numel(self) -> int:
@@ -605,7 +605,9 @@ def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_om
             if _correctable(module) and (factored or bias_only):
                 up, down = lean.factors.get(weight_key, (None, None))
                 bias = lean.exact.get(bias_key)
-                held = [t.to(device=device, dtype=dtype) if t is not None else None for t in (up, down, bias)]
+                # webui's fp8 weight storage computes in fp16: the factors too
+                factor_dtype = dtype if torch.empty((), dtype=dtype).element_size() >= 2 else torch.float16
+                held = [t.to(device=device, dtype=factor_dtype) if t is not None else None for t in (up, down, bias)]
                 layer = WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega,
                                   corrections=(low_rank_output(module, *held),),
                                   correction_bytes=sum(t.numel() * t.element_size() for t in held if t is not None))
