@@ -158,7 +158,7 @@ def denoiser_step(unet, run, inputs, batch_cond_uncond):
     x_in, t_in, ctx = torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, uc])
     y_in = torch.cat([y, y]) if y is not None else None
     if run is not None:
-        run.begin_step(0, 20, total_rows=2 * batch, weak_rows=batch)
+        run.begin_step(0, 20, lambda: (c, uc))
     if batch_cond_uncond:
         return unet(x_in, t_in, context=ctx, y=y_in)
     halves = [unet(x_in[a:a + batch], t_in[a:a + batch], context=ctx[a:a + batch], y=None if y_in is None else y_in[a:a + batch])

@@ -6,6 +6,7 @@ and where a generation can be stopped for real. Forge support would replace
 this module, not the core.
 """
 
+import importlib.util
 import math
 import os
 import sys
@@ -18,8 +19,9 @@ from lib_pg import checkpoints, lowrank
 from lib_pg import settings as pg_settings
 from lib_pg.checkpoints import FingerprintCache, find_base
 from lib_pg.errors import PGError
+from lib_pg.guidance import GuidanceRun, UnroutedStep, WeakModelCache, live_version
 from lib_pg.inspector import Progress
-from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version
+from lib_pg.interop import carry_marks
 from lib_pg.patching import swapped_attributes, swapped_parameters
 from lib_pg.routing import corrected_text_layers, text_encoder_swaps
 from lib_pg.weights import UNET_PREFIX, LowRankDelta, build_weak_model, live_parameters
@@ -38,6 +40,14 @@ KEY_STRIP = "PG strip LoRAs"
 KEY_WEIGHTS = "PG weights"
 
 KEY_AUTO_DISTANCE = "PG base distance"
+
+# The script's file name (without .py), as other extensions' settings name it,
+# and this repository's folder under extensions/.
+SCRIPT_NAME = "personalization_guidance"
+ADETAILER_HINT = (f"add {SCRIPT_NAME} to Settings → ADetailer → 'Script names to apply to ADetailer' "
+                  "(or untick 'Apply only selected scripts to ADetailer')")
+ADETAILER_NOTE = f"ADetailer passes (to include them, {ADETAILER_HINT})"
+EXTENSION_FOLDER = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INFOTEXT_KEYS = (KEY_OMEGA, KEY_OMEGA_END, KEY_SCHEDULE, KEY_RANGE, KEY_BASE, KEY_WEAK_PROMPT, KEY_SKIPPED, KEY_STRIP,
                  KEY_AUTO_DISTANCE, KEY_WEIGHTS)
@@ -97,9 +107,13 @@ class Controller:
             self._fail_on_sample(p, error)
             return
         # XYZ plot cells are shallow copies of one p sharing this dict: drop
-        # what an earlier cell wrote there.
+        # what an earlier cell wrote there. The skipped note describes a
+        # sampling run, so an enabled p's note is replaced when its sampling
+        # ends (_sample), not here: ADetailer processes a shallow copy of p
+        # again after sampling, and that must not erase it.
         for key in INFOTEXT_KEYS:
-            p.extra_generation_params.pop(key, None)
+            if key != KEY_SKIPPED or not settings.enabled:
+                p.extra_generation_params.pop(key, None)
         if hasattr(p.sample, "pg_original"):  # a p processed again (e.g. by another script) is wrapped once
             p.sample = p.sample.pg_original
         if not settings.enabled:
@@ -114,10 +128,14 @@ class Controller:
         if distance is not None:
             p.extra_generation_params[KEY_AUTO_DISTANCE] = round(distance, 3)
         original_sample = unwrapped_sample(p)
+        passes_without_pg = []
+        if adetailer_without_pg(p):
+            passes_without_pg.append(ADETAILER_NOTE)
+            log(f"ADetailer's inpainting passes will run without PG: {ADETAILER_HINT}")
 
         def sample_with_pg(*args, **kwargs):
             self.weights_note = None
-            result = self._sample(p, settings, base_info, original_sample, args, kwargs)
+            result = self._sample(p, settings, base_info, passes_without_pg, original_sample, args, kwargs)
             if self.weights_note:  # how the weak weights were held: known once they are built
                 p.extra_generation_params[KEY_WEIGHTS] = self.weights_note
             return result
@@ -135,6 +153,9 @@ class Controller:
         p.sample = refuse
 
     def _check_request(self, p, settings):
+        host = unsupported_host()
+        if host is not None:
+            raise PGError(UNSUPPORTED_HOST.format(host=host))
         if not settings.base and not settings.strip_loras:
             raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from) "
                           "or LoRAs to strip ('strip_loras')")
@@ -172,7 +193,7 @@ class Controller:
         return info, distance
 
     # -- the sampling call -----------------------------------------------
-    def _sample(self, p, settings, base_info, original_sample, args, kwargs):
+    def _sample(self, p, settings, base_info, passes_without_pg, original_sample, args, kwargs):
         model = shared.sd_model
         checkpoint = getattr(model, "sd_checkpoint_info", None)
         try:
@@ -182,17 +203,18 @@ class Controller:
             raise
         unet = model.model.diffusion_model
         texts = WeakConditioning(p, settings, weak, model)
+        seen = {}  # the denoiser of the last step, to name what hooks it if a step goes unrouted
         with GuidanceRun(unet, weak, settings) as run:
             def on_denoiser(params):
                 if params.denoiser is None or params.denoiser.p is not p:
                     return
                 try:
+                    seen["denoiser"] = params.denoiser
                     ours = shared.sd_model is model and getattr(shared.sd_model, "sd_checkpoint_info", None) is checkpoint
-                    uncond = params.text_uncond
-                    weak_rows = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
-                    omega = run.begin_step(params.denoiser.step, params.denoiser.total_steps, params.x.shape[0], weak_rows, ours)
+                    omega = run.begin_step(params.denoiser.step, params.denoiser.total_steps, lambda: step_conditioning(params),
+                                           ours, webui_skips_uncond(params))
                     if omega < 1.0 and texts.needed:
-                        params.text_uncond = texts.at(omega, params.denoiser.step)
+                        params.text_uncond = carry_marks(params.text_uncond, texts.at(omega, params.denoiser.step))
                 except BaseException as error:  # webui would only log it: make the next UNet call raise it
                     run.router.fail(error)
 
@@ -200,12 +222,18 @@ class Controller:
             self.active_run = run
             try:
                 result = original_sample(*args, **kwargs)
+            except UnroutedStep as error:
+                hooks = sampling_hooks(unet, seen.get("denoiser"))
+                raise PGError(f"{error.reason}{' (' + ', '.join(hooks) + ')' if hooks else ''}. PG stops the generation "
+                              "rather than run without guidance") from None
             finally:
                 self.active_run = None
                 script_callbacks.remove_callbacks_for_function(on_denoiser)
-        note = skipped_note(run.report, p.extra_generation_params)
+        note = skipped_note(run.report, passes_without_pg)
         if note:
             p.extra_generation_params[KEY_SKIPPED] = note
+        else:
+            p.extra_generation_params.pop(KEY_SKIPPED, None)
         return result
 
     def _weak_model(self, model, settings, base_info):
@@ -478,6 +506,25 @@ class WeakConditioning:
                                                           shared.opts.use_old_scheduling)
 
 
+# Forks of webui that keep its modules/ (so this extension loads there) but
+# sample through a backend of their own, found by the packages they add:
+# Forge's backend/ and reForge's ldm_patched/ (both also add modules_forge/).
+FORK_PACKAGES = (("backend", "Forge"), ("ldm_patched", "reForge"), ("modules_forge", "a Forge-based fork"))
+UNSUPPORTED_HOST = ("this webui is {host}, which PG does not support yet (it samples through its own backend, where PG "
+                    "cannot find the unconditional rows); use AUTOMATIC1111's webui 1.6–1.10, or disable PG")
+
+
+def unsupported_host():
+    """The name of the webui fork this is, if PG does not support it; None on webui."""
+    for package, name in FORK_PACKAGES:
+        try:
+            if importlib.util.find_spec(package) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
 def unwrapped_sample(p):
     """p.sample without PG's wrapper, if an earlier prepare() put one there."""
     return getattr(p.sample, "pg_original", p.sample)
@@ -720,16 +767,94 @@ def infotext_params(settings, base_info):
     return params
 
 
-def skipped_note(report, generation_params):
+def skipped_note(report, passes=()):
+    """The infotext's account of what ran without PG: steps, calls, and other
+    extensions' passes (`passes`: their notes); empty when nothing did."""
     parts = []
     if report.steps_without_uncond:
-        why = [k for k in ("Skip Early CFG", "NGMS") if k in generation_params] or ["webui skipped the unconditional pass"]
-        parts.append(f"{report.steps_without_uncond} steps without unconditional pass ({'/'.join(why)})")
+        parts.append(f"{report.steps_without_uncond} steps without unconditional pass ({'/'.join(report.skip_reasons)})")
     if report.steps_other_model:
         parts.append(f"{report.steps_other_model} steps on another checkpoint (refiner/hires)")
-    if report.unplanned_unet_calls:
-        parts.append(f"{report.unplanned_unet_calls} extra UNet calls by another extension ran without PG")
+    if report.unrecognised_calls:
+        parts.append(f"{report.unrecognised_calls} UNet calls with another extension's conditioning (run without PG)")
+    parts.extend(passes)
     return "; ".join(parts)
 
 
+def step_conditioning(params):
+    """The step's (cond, uncond) text conditioning as the UNet will see it
+    (SDXL's dict conditioning: its cross-attention tensor)."""
+    def crossattn(c):
+        return c["crossattn"] if isinstance(c, dict) else c
+
+    return crossattn(params.text_cond), crossattn(params.text_uncond)
+
+
+def webui_skips_uncond(params):
+    """webui's name for skipping this step's unconditional pass, or None:
+    the rule of modules/sd_samplers_cfg_denoiser.py CFGDenoiser.forward
+    (Skip Early CFG, then NGMS), evaluated on the same inputs."""
+    denoiser, opts = params.denoiser, shared.opts
+    skip_early = getattr(opts, "skip_early_cond", 0) or 0
+    if skip_early != 0 and denoiser.total_steps and denoiser.step / denoiser.total_steps <= skip_early:
+        return "Skip Early CFG"
+    s_min_uncond = getattr(denoiser.p, "s_min_uncond", 0) or 0
+    if (denoiser.step % 2 or getattr(opts, "s_min_uncond_all", False)) and s_min_uncond > 0 and bool(params.sigma[0] < s_min_uncond):
+        return "NGMS"
+    return None
+
+
+def _extension_of(function):
+    """The extensions/ folder name a function comes from, or None."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    parts = os.path.normpath(code.co_filename).split(os.sep) if code is not None else []
+    for marker in ("extensions", "extensions-builtin"):
+        if marker in parts[:-1]:
+            return parts[parts.index(marker) + 1]
+    return None
+
+
+def sampling_hooks(unet, denoiser=None):
+    """Extensions that replaced a sampling or UNet forward (Tiled Diffusion
+    replaces the denoiser's inner model forward, ControlNet the UNet's), or
+    listen to the denoiser's steps: the candidates for evaluating rows where
+    PG cannot see them."""
+    found = []
+    inner = getattr(denoiser, "model_wrap", None)  # webui's CFGDenoiserKDiffusion/Timesteps: the wrapped model, once built
+    candidates = [unet.__dict__.get("forward"), getattr(shared.sd_model, "__dict__", {}).get("apply_model"),
+                  getattr(inner, "__dict__", {}).get("forward")]
+    for name in ("callbacks_cfg_denoiser", "callbacks_cfg_denoised", "callbacks_cfg_after_cfg"):
+        candidates += [c.callback for c in script_callbacks.callback_map.get(name, ())]
+    for function in candidates:
+        extension = _extension_of(function) if function is not None else None
+        if extension and extension != EXTENSION_FOLDER and extension not in found:
+            found.append(extension)
+    return found
+
+
+def adetailer_without_pg(p):
+    """ADetailer (Bing-su/adetailer) runs its inpainting passes with only the
+    always-on scripts that its setting 'Script names to apply to ADetailer'
+    names (scripts/!adetailer.py, script_filter). Whether it will run them
+    for this p without PG: then the infotext says what to set."""
+    if getattr(p, "_ad_inner", False):
+        return False  # this p is one of its passes, and PG is in it
+    runner = getattr(p, "scripts", None)
+    for script in getattr(runner, "alwayson_scripts", ()):
+        if os.path.splitext(os.path.basename(getattr(script, "filename", "") or ""))[0] != "!adetailer":
+            continue
+        try:
+            enabled = script.is_ad_enabled(*p.script_args[script.args_from:script.args_to])
+        except Exception:  # its arguments or API changed: assume its passes run
+            enabled = True
+        data = shared.opts.data
+        selected_only = data.get("ad_only_selected_scripts", True)
+        names = {name.strip() for name in str(data.get("ad_script_names", "")).split(",")}
+        return bool(enabled) and bool(selected_only) and SCRIPT_NAME not in names
+    return False
+
+
 CONTROLLER = Controller()
+
+if unsupported_host() is not None:
+    log("Error: " + UNSUPPORTED_HOST.format(host=unsupported_host()) + "; generations with PG enabled will stop with this message")

@@ -25,6 +25,17 @@ def step_inputs(rows, seed=0):
     return x, t, context
 
 
+class LinearUNet(torch.nn.Module):
+    """One linear layer behind a UNet's call signature (x, timesteps, context)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.layer = torch.nn.Linear(width, width)
+
+    def forward(self, x, timesteps=None, context=None):
+        return self.layer(x)
+
+
 def unet_of(model):
     return model.model.diffusion_model
 
@@ -36,7 +47,7 @@ def test_one_call_splits_cond_and_weak_rows(pair, omega):
     reference = interpolated_copy(base, tuned, omega) if omega else base
     x, t, ctx = step_inputs(4)
     with torch.no_grad(), GuidanceRun(unet_of(tuned), weak, PGSettings(True, omega)) as run:
-        run.begin_step(0, 10, total_rows=4, weak_rows=2)
+        run.begin_step(0, 10, lambda: (ctx[:2], ctx[2:]))
         out = unet_of(tuned)(x, t, context=ctx)
         expected_cond = unet_of(tuned)(x[:2], t[:2], context=ctx[:2])  # outside any UNet plan: live weights
     with torch.no_grad():
@@ -53,7 +64,7 @@ def test_omega_one_is_plain_cfg_bit_for_bit(pair):
     with torch.no_grad():
         plain = unet_of(tuned)(x, t, context=ctx)
         with GuidanceRun(unet_of(tuned), weak, PGSettings(True, 1.0, schedule="linear", omega_end=0.2)) as run:
-            assert run.begin_step(0, 10, 4, 2) == 1.0
+            assert run.begin_step(0, 10, lambda: (ctx[:2], ctx[2:])) == 1.0
             routed = unet_of(tuned)(x, t, context=ctx)
     assert torch.equal(plain, routed)
     assert run.report.unguided_steps == 1
@@ -65,7 +76,7 @@ def test_scheduled_omega_matches_the_interpolated_model(pair):
     settings = PGSettings(True, 0.2, schedule="linear", omega_end=0.6)
     x, t, ctx = step_inputs(2)
     with torch.no_grad(), GuidanceRun(unet_of(tuned), weak, settings) as run:
-        omega = run.begin_step(5, 10, 2, 1)
+        omega = run.begin_step(5, 10, lambda: (ctx[:1], ctx[1:]))
         out = unet_of(tuned)(x, t, context=ctx)
     assert omega == pytest.approx(0.4)
     with torch.no_grad():
@@ -73,23 +84,63 @@ def test_scheduled_omega_matches_the_interpolated_model(pair):
     assert torch.allclose(out[1:], expected, atol=1e-6)
 
 
+def routed_rows(calls, cond, uncond):
+    """Per UNet call (given by its context rows): the rows the router sends to
+    the weak weights; and whether every unconditional row of the step was routed."""
+    router = StepRouter()
+    router.begin_step(lambda: (cond, uncond), 0.5)
+    result = []
+    for context in calls:
+        router.enter_unet(context.shape[0], context)
+        result.append(None if router.current is None else router.current.weak)
+        router.exit_unet()
+    return result, router.weak_positions_routed >= router.uncond_positions()
+
+
 def test_router_follows_every_batching_path():
     # rows: 3 conditional (an AND prompt with batch 2), 2 unconditional
-    def splits(call_sizes, total=5, weak=2):
-        router = StepRouter()
-        router.begin_step(total, weak, 0.5)
-        result = []
-        for rows in call_sizes:
-            router.enter_unet(rows)
-            result.append(None if router.current is None else router.current.split)
-            router.exit_unet()
-        return result, router.weak_rows_seen
+    g = torch.Generator().manual_seed(1)
+    c, u = torch.randn(3, 77, 8, generator=g), torch.randn(2, 77, 8, generator=g)
+    rows = torch.cat([c, u])
 
-    assert splits([5]) == ([3], True)  # batch_cond_uncond: one call
-    assert splits([2, 2, 1]) == ([None, 1, 0], True)  # chunks of the batch size: one call is mixed
-    assert splits([3, 2]) == ([None, 0], True)  # different token lengths: a separate unconditional call
-    assert splits([3]) == ([None], False)  # NGMS / skip early CFG: x_in lost its unconditional rows
-    assert splits([5, 5]) == ([3, None], True)  # a second, unplanned call is left alone
+    def calls(*sizes):
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    assert routed_rows(calls(5), c, u) == ([(3, 4)], True)  # batch_cond_uncond: one call
+    assert routed_rows(calls(2, 2, 1), c, u) == ([None, (1,), (0,)], True)  # chunks of the batch size: one call is mixed
+    assert routed_rows(calls(3, 2), c, u) == ([None, (0, 1)], True)  # different token lengths: a separate unconditional call
+    assert routed_rows(calls(3), c, u) == ([None], False)  # NGMS / skip early CFG: x_in lost its unconditional rows
+    assert routed_rows([rows, c], c, u) == ([(3, 4), None], True)  # an extra all-conditional call (PAG): live weights
+
+
+def test_router_finds_weak_rows_by_their_conditioning():
+    g = torch.Generator().manual_seed(2)
+    c, u = torch.randn(1, 77, 8, generator=g), torch.randn(1, 77, 8, generator=g)
+    tile = torch.cat([c, u])
+    # Tiled Diffusion: [cond, uncond] once per tile, in one call or one call per tile
+    assert routed_rows([torch.cat([tile] * 3)], c, u) == ([(1, 3, 5)], True)
+    assert routed_rows([tile, tile, tile], c, u) == ([(1,), (1,), (1,)], True)
+    # webui pads the shorter conditioning (pad_cond_uncond) or truncates it (v0) after the callback
+    padded_u = torch.cat([u, torch.randn(1, 77, 8, generator=g)], dim=1)
+    assert routed_rows([torch.cat([torch.cat([c, c], 1), padded_u])], torch.cat([c, c], 1), u) == ([(1,)], True)
+    assert routed_rows([torch.cat([c[:, :40], u[:, :40]])], c[:, :40], u) == ([(1,)], True)
+    # a row of another extension's conditioning is left on the live weights, and counted
+    router = StepRouter()
+    router.begin_step(lambda: (c, u), 0.5)
+    router.enter_unet(3, torch.cat([c, torch.randn(1, 77, 8, generator=g), u]))
+    assert router.current.weak == (2,) and router.unrecognised_calls == 1
+    # the UNet's dtype: webui casts the conditioning before the call
+    assert routed_rows([tile.half()], c, u) == ([(1,)], True)
+
+
+def test_identical_prompt_and_negative_prompt_are_told_apart_by_position():
+    c = torch.randn(1, 77, 8)
+    same = c.clone()
+    assert routed_rows([torch.cat([c, same])], c, same) == ([(1,)], True)  # one call
+    assert routed_rows([c, same], c, same) == ([None, (0,)], True)  # chunks: the second call continues the step
+    assert routed_rows([torch.cat([c, same] * 2)], c, same) == ([(1, 3)], True)  # tiles start again
+    assert routed_rows([torch.cat([c, same]), c], c, same) == ([(1,), None], True)  # then an extra conditional call
 
 
 def test_every_trace_is_removed_on_success_and_on_exception(pair):
@@ -98,13 +149,13 @@ def test_every_trace_is_removed_on_success_and_on_exception(pair):
     before = module_state_fingerprint(tuned)
     x, t, ctx = step_inputs(2)
     with torch.no_grad(), GuidanceRun(unet_of(tuned), weak, PGSettings(True, 0.5)) as run:
-        run.begin_step(0, 4, 2, 1)
+        run.begin_step(0, 4, lambda: (ctx[:1], ctx[1:]))
         unet_of(tuned)(x, t, context=ctx)
         assert module_state_fingerprint(tuned) != before  # installed
     assert module_state_fingerprint(tuned) == before
 
     with pytest.raises(KeyboardInterrupt), torch.no_grad(), GuidanceRun(unet_of(tuned), weak, PGSettings(True, 0.5)) as run:
-        run.begin_step(0, 4, 2, 1)
+        run.begin_step(0, 4, lambda: (ctx[:1], ctx[1:]))
         run.router.fail(KeyboardInterrupt())  # e.g. an error in the step callback
         unet_of(tuned)(x, t, context=ctx)
     assert module_state_fingerprint(tuned) == before
@@ -139,8 +190,8 @@ def test_low_rank_strip_uses_corrections_or_a_copy_within_twice_the_lora_size(ra
     torch.manual_seed(0)
     holder = torch.nn.Module()
     holder.model = torch.nn.Module()
-    unet = holder.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    layer = unet[0]
+    unet = holder.model.diffusion_model = LinearUNet(16)
+    layer = unet.layer
     down, up = torch.randn(rank, 16) * 0.1, torch.randn(16, rank) * 0.1
     delta = LowRankDelta(output=lambda x: x @ down.T @ up.T, weight=lambda: up @ down, nbytes=(down.numel() + up.numel()) * 4)
     with torch.no_grad():
@@ -148,11 +199,12 @@ def test_low_rank_strip_uses_corrections_or_a_copy_within_twice_the_lora_size(ra
     weak = build_weak_model(holder, None, ("constant", 0.25), corrections={layer: [delta]})
     assert (weak.extra_bytes > 0) == copied and weak.extra_bytes <= 2 * delta.nbytes
     x = torch.randn(4, 16)
+    ctx = torch.randn(4, 1, 1)
     with torch.no_grad():
-        plain = unet(x)  # CFG: every row through the live (LoRA-merged) layer in one call
+        plain = unet(x, context=ctx)  # CFG: every row through the live (LoRA-merged) layer in one call
     with torch.no_grad(), GuidanceRun(unet, weak, PGSettings(True, 0.25)) as run:
-        run.begin_step(0, 1, total_rows=4, weak_rows=2)
-        out = unet(x)
+        run.begin_step(0, 1, lambda: (ctx[:2], ctx[2:]))
+        out = unet(x, context=ctx)
         expected = torch.nn.functional.linear(x[2:], layer.weight - 0.75 * (up @ down), layer.bias)
     torch.testing.assert_close(out[2:], expected, rtol=1e-5, atol=1e-6)
     if not copied:

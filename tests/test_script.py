@@ -357,3 +357,18 @@ def test_hires_pass_with_a_fine_tuned_text_encoder(tmp_path):
     hires_calls = [call for call in recorder.calls if call[0].shape[-1] == 8]
     assert hires_calls and all(torch.equal(call[2][1:], expected) for call in hires_calls)
     assert "PG skipped" not in result.infotexts[0]
+
+
+@pytest.mark.parametrize("package, host", [("backend", "Forge"), ("ldm_patched", "reForge")])
+def test_an_unsupported_fork_refuses_enabled_generations_by_name(env, monkeypatch, package, host):
+    """On Forge or reForge (found by the packages they add, never by version
+    strings) an enabled generation stops with a message naming the host;
+    disabled generations run as usual."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == package else real_find_spec(name, *a))
+    assert webui_adapter.unsupported_host() == host
+    with pytest.raises(PGError, match=f"this webui is {host}, which PG does not support yet"):
+        env.generate(pg_args(0.3))
+    assert not env.pg_callbacks()
+    plain, _ = env.generate()
+    assert plain.images
