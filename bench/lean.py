@@ -68,13 +68,16 @@ def trained_reference(live):
 
 
 def weak_outputs(live, weak, inputs, omega=0.5):
-    """The UNet's output with every row weak (θ_ω), for each input."""
+    """The weak branch's output (θ_ω) for each input: the unconditional row of a
+    CFG step whose conditional row has other conditioning."""
     unet = live.model.diffusion_model
     outputs = []
     for x, t, context, y in inputs:
+        rows = torch.cat([context + 1, context])
         with GuidanceRun(unet, weak, PGSettings(True, omega)) as run:
-            run.begin_step(0, 10, total_rows=x.shape[0], weak_rows=x.shape[0])
-            outputs.append(unet(x, t, context=context, y=y))
+            run.begin_step(0, 10, lambda rows=rows: (rows[:1], rows[1:]))
+            out = unet(torch.cat([x, x]), torch.cat([t, t]), context=rows, y=None if y is None else torch.cat([y, y]))
+        outputs.append(out[1:])
     return outputs
 
 

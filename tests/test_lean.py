@@ -74,7 +74,7 @@ def weak_rows(model, weak, settings, step=0, total=10):
     unet = model.model.diffusion_model
     x, t, ctx = step_inputs(2)
     with torch.no_grad(), GuidanceRun(unet, weak, settings) as run:
-        omega = run.begin_step(step, total, total_rows=2, weak_rows=1)
+        omega = run.begin_step(step, total, lambda: (ctx[:1], ctx[1:]))
         out = unet(x, t, context=ctx)
     return out[1:], omega
 
