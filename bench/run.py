@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib_pg.guidance import GuidanceRun, WeakModelCache, live_version  # noqa: E402
 from lib_pg.settings import PGSettings  # noqa: E402
 from lib_pg.weights import LowRankDelta, build_weak_model, read_checkpoint  # noqa: E402
+from bench import lean as lean_bench  # noqa: E402
 from tests import ldm_models  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,6 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per configuration")
     parser.add_argument("--batch-sizes", default=None, help="comma separated, default 1,4")
     parser.add_argument("--omega", type=float, default=0.5)
+    parser.add_argument("--lean-only", action="store_true",
+                        help="lean weak weights only: factoring, memory, error, load time, and CFG / exact / lean step times")
     return parser.parse_args(argv)
 
 
@@ -231,7 +234,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weak = None
-    for _ in range(3):
+    for _ in range(1 if args.lean_only else 3):
         weak = None
         t0 = time.perf_counter()
         state = {key: tensor.clone() for key, tensor in read_checkpoint(base_path).items()}
@@ -274,8 +277,9 @@ def main(argv=None):
 
     # PG stripping a LoRA: low-rank corrections on the weak rows, no weight copy.
     # (A merged LoRA leaves CFG's cost unchanged, so plain CFG is its baseline.)
+    lean_figures, lean_weak = lean_bench.measure(args, live, device, dtype, latent, workdir)
     loras = {}
-    for rank in (16, 128):
+    for rank in (() if args.lean_only else (16, 128)):
         corrections, lora_bytes = make_lora(unet, rank, device, dtype)
         weak_lora = build_weak_model(live, None, settings.omega_key, corrections=corrections)
         loras[rank] = (weak_lora, lora_bytes)
@@ -286,9 +290,11 @@ def main(argv=None):
     variants = {
         "cfg": lambda: nullcontext(None),
         "pg_checkpoint": lambda: GuidanceRun(unet, weak, settings),
-        "pg_lora16": lambda: GuidanceRun(unet, loras[16][0], settings),
-        "pg_lora128": lambda: GuidanceRun(unet, loras[128][0], settings),
+        "pg_lean": lambda: GuidanceRun(unet, lean_weak, PGSettings(True, 0.5)),
     }
+    if not args.lean_only:
+        variants["pg_lora16"] = lambda: GuidanceRun(unet, loras[16][0], settings)
+        variants["pg_lora128"] = lambda: GuidanceRun(unet, loras[128][0], settings)
     rows, ratios, evals_equal = [], {name: [] for name in variants if name != "cfg"}, True
     for batch in batch_sizes:
         inputs = step_inputs(unet, batch, latent, device, dtype)
@@ -317,20 +323,24 @@ def main(argv=None):
         "allocator": allocator_in_use(), "torch": torch.__version__,
         "family": "tiny" if args.tiny else args.family, "dtype": args.dtype, "latent": latent, "rounds": {b: rounds_for(b) for b in batch_sizes},
         "ratio_checkpoint": max(ratios["pg_checkpoint"]),
-        "ratio_lora": max(ratios["pg_lora16"] + ratios["pg_lora128"]),
-        "lora_extra_mem_ratio": max(w.extra_bytes / b for w, b in loras.values()),
+        "ratio_lora": max(ratios["pg_lora16"] + ratios["pg_lora128"]) if loras else None,
+        "lora_extra_mem_ratio": max(w.extra_bytes / b for w, b in loras.values()) if loras else None,
+        "ratio_lean": max(ratios["pg_lean"]),
         "evals_equal": evals_equal,
         "build_s": statistics.median(builds), "read_s": statistics.median(reads),
         "cache_hit_ms": statistics.median(hits),
         "stream_s": stream_s, "ratio_floor_checkpoint": max(1 + stream_s / m["cfg"] for _, _, m, _, _ in rows),
         "extra_mem_ratio": extra_bytes / weak.differing_bytes,
         "differing_mib": weak.differing_bytes / 2**20, "file_mib": file_bytes / 2**20,
+        **lean_figures,
     }
     print()
-    print("| batch | batch_cond_uncond | CFG ms | PG checkpoint ms (ratio) | floor | PG LoRA r16 ms (ratio) | PG LoRA r128 ms (ratio) | evals per step |")
-    print("|---|---|---|---|---|---|---|---|")
+    shown = [n for n in ("pg_checkpoint", "pg_lean", "pg_lora16", "pg_lora128") if n in variants]
+    print("| batch | batch_cond_uncond | CFG ms | " + " | ".join(f"{n} ms (ratio)" for n in shown[:1]) + " | floor | "
+          + " | ".join(f"{n} ms (ratio)" for n in shown[1:]) + " | evals per step |")
+    print("|---" * (len(shown) + 5) + "|")
     for batch, bcu, medians, evals, paired in rows:
-        cells = [f"{medians[n] * 1000:.1f} ({paired[n]:.3f})" for n in ("pg_checkpoint", "pg_lora16", "pg_lora128")]
+        cells = [f"{medians[n] * 1000:.1f} ({paired[n]:.3f})" for n in shown]
         cells.insert(1, f"{1 + stream_s / medians['cfg']:.3f}")
         cells = " | ".join(cells)
         print(f"| {batch} | {'on' if bcu else 'off'} | {medians['cfg'] * 1000:.1f} | {cells} | "

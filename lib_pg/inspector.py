@@ -20,6 +20,7 @@ import torch
 
 from lib_pg.checkpoints import (MAX_BASE_DISTANCE, SAFETENSORS_NAMES, UNET_PREFIX, Checkpoint, FingerprintCache,
                                 component_of, find_base, looks_like_lora, open_checkpoint)
+from lib_pg import lowrank
 from lib_pg.errors import PGError
 from lib_pg.weights import TEXT_PREFIXES, detect_family, interpolate, same_bits
 
@@ -470,6 +471,61 @@ def bake(active_path: str, base_path: str, omega: float, out_path: str, err=None
 
 
 # ---------------------------------------------------------------------------
+# extract: lean weak weights as a LoRA file
+# ---------------------------------------------------------------------------
+
+FILE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def weights_dtype(active: Checkpoint) -> torch.dtype:
+    """The dtype of the active file's UNet weights (what webui would load)."""
+    for key in active.keys:
+        if key.startswith(UNET_PREFIX) and active.dtypes[key].is_floating_point:
+            return active.dtypes[key]
+    return torch.float16
+
+
+def extract(active_path: str, base_path: str, budget_mib: float, out_path: str, dtype: str = None,
+            device: str = None, err=None) -> lowrank.LeanFactors:
+    """Factor θ_active − θ_base within `budget_mib` (None: the default share of
+    the exact copy) and write it as a kohya-format LoRA file."""
+    if budget_mib is not None and budget_mib <= 0:
+        raise PGError(f"--budget must be a positive number of MiB, got {budget_mib:g}")
+    if not out_path.lower().endswith(".safetensors"):
+        raise PGError(f"the output file must end in .safetensors: {out_path}")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise PGError(f"output folder not found: {out_dir}")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise PGError(f"--device {device}: no CUDA device is available")
+    active, base = open_pair(active_path, base_path)
+    with active, base:
+        torch_dtype = FILE_DTYPES[dtype] if dtype else weights_dtype(active)
+        element_size = torch.empty((), dtype=torch_dtype).element_size()
+        budget = (int(budget_mib * 2**20) if budget_mib is not None
+                  else lowrank.default_budget(lowrank.estimated_differing_bytes(active, base, element_size)))
+        keys = lowrank.differing_keys(active, base)
+        progress = Progress("extract", sum(active.nbytes(k) for k in keys), err)
+        lean = lowrank.factor_pair(active, base, budget, torch_dtype, device,
+                                   progress=lambda done, _total: progress.advance(done - progress.done))
+        progress.finish()
+    if not lean.total_energy:
+        raise PGError(f"'{active_path}' and '{base_path}' have the same UNet and text-encoder weights: nothing to extract")
+    lowrank.write_lean_file(lean, out_path, {"pg_active": os.path.basename(active_path),
+                                             "pg_base": os.path.basename(base_path)})
+    return lean
+
+
+def describe_lean(lean: lowrank.LeanFactors) -> str:
+    ranks = sorted(lean.ranks().values())
+    spread = f"ranks {ranks[0]}–{ranks[-1]}" if ranks else "no low-rank layers"
+    return (f"{len(lean.factors)} layers low-rank ({spread}), {len(lean.exact)} tensors exact; "
+            f"{lean.spent_bytes / 2**20:.1f} MiB of {lean.budget_bytes / 2**20:.1f} MiB budget "
+            f"(exact copy {lean.differing_bytes / 2**20:.1f} MiB, {str(lean.dtype).replace('torch.', '')}); "
+            f"captured {100 * lean.energy_share:.1f} % of the difference's energy")
+
+
+# ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 
@@ -478,7 +534,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _omega(text: str) -> float:
+def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -496,7 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("active", metavar="ACTIVE")
     p.add_argument("base", metavar="BASE")
     p.add_argument("out", metavar="OUT.safetensors")
-    p.add_argument("--omega", type=_omega, default=0.5, help="ω in [0, 1] (default 0.5)")
+    p.add_argument("--omega", type=_number, default=0.5, help="ω in [0, 1] (default 0.5)")
+    p = sub.add_parser("extract", help="write θ_active − θ_base as low-rank factors (a kohya-format LoRA file) within a memory budget")
+    p.add_argument("active", metavar="ACTIVE")
+    p.add_argument("base", metavar="BASE")
+    p.add_argument("-o", "--out", metavar="OUT.safetensors", required=True)
+    p.add_argument("--budget", type=_number, default=None, metavar="MIB",
+                   help=f"MiB of factors and copies (default: {lowrank.DEFAULT_BUDGET_SHARE:.0%} of the exact copy)")
+    p.add_argument("--dtype", choices=sorted(FILE_DTYPES), default=None, help="stored dtype (default: the active file's)")
+    p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
     p = sub.add_parser("find-base", help="pick the closest base for ACTIVE among CANDIDATE files")
     p.add_argument("active", metavar="ACTIVE")
     p.add_argument("candidates", metavar="CANDIDATE", nargs="+")
@@ -519,6 +583,9 @@ def main(argv=None, out=None, err=None) -> int:
             stats = bake(args.active, args.base, args.omega, args.out, err=err)
             print(f"wrote {args.out}: {stats['tensors']} tensors ({stats['interpolated']} interpolated at "
                   f"ω={stats['omega']:g}), {stats['bytes'] / 2**20:.1f} MiB", file=out)
+        elif args.command == "extract":
+            lean = extract(args.active, args.base, args.budget, args.out, args.dtype, args.device, err=err)
+            print(f"wrote {args.out}: {describe_lean(lean)}", file=out)
         elif args.command == "find-base":
             best, distance, ranking = find_base(args.active, args.candidates, FingerprintCache(),
                                                 max_distance=args.max_distance)

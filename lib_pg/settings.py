@@ -7,10 +7,12 @@ from lib_pg.errors import PGError
 from lib_pg.schedule import SCHEDULES
 
 WEAK_PROMPTS = ("negative", "empty")
+WEIGHTS = ("auto", "exact", "lean")
 
 # UI labels map to the API's short values; both are accepted everywhere.
 WEAK_PROMPT_LABELS = {"Negative prompt (as CFG)": "negative", "Empty prompt (as the paper)": "empty"}
 SCHEDULE_LABELS = {"Constant": "constant", "Linear": "linear", "Cosine": "cosine"}
+WEIGHTS_LABELS = {"Automatic": "auto", "Exact": "exact", "Lean (low-rank)": "lean"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,9 @@ class PGSettings:
     start: float = 0.0
     end: float = 1.0
     strip_loras: tuple = ()  # names of prompt LoRAs to strip; ("*",) strips every LoRA in the prompt
+    # Appended last: older positional API payloads end before them.
+    weights: str = "auto"  # weak weights from a base: exact copies, lean low-rank factors, or auto (exact where they fit)
+    lean_budget_mb: float = 0.0  # lean mode's memory budget, MiB; 0: the default share of the exact copy
 
     @property
     def strips_all_loras(self) -> bool:
@@ -97,6 +102,17 @@ def _text(name, value):
     return value.strip()
 
 
+def _mib(name, value):
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise PGError(f"'{name}' must be a number of MiB (0 or more; 0: the default), got {value!r}")
+    return float(value)
+
+
 _PARSERS = {
     "enabled": _bool,
     "omega": _fraction,
@@ -107,6 +123,8 @@ _PARSERS = {
     "start": _fraction,
     "end": _fraction,
     "strip_loras": _lora_names,
+    "weights": lambda n, v: _choice(n, v, WEIGHTS, WEIGHTS_LABELS),
+    "lean_budget_mb": _mib,
 }
 
 

@@ -7,6 +7,7 @@ this module, not the core.
 """
 
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -14,10 +15,12 @@ from contextlib import nullcontext
 
 import torch
 
+from lib_pg import checkpoints, lowrank
 from lib_pg import settings as pg_settings
 from lib_pg.checkpoints import FingerprintCache, find_base
 from lib_pg.errors import PGError
 from lib_pg.guidance import GuidanceRun, UnroutedStep, WeakModelCache, live_version
+from lib_pg.inspector import Progress
 from lib_pg.interop import carry_marks
 from lib_pg.patching import swapped_attributes, swapped_parameters
 from lib_pg.routing import corrected_text_layers, text_encoder_swaps
@@ -34,6 +37,7 @@ KEY_BASE = "PG base"
 KEY_WEAK_PROMPT = "PG weak prompt"
 KEY_SKIPPED = "PG skipped"
 KEY_STRIP = "PG strip LoRAs"
+KEY_WEIGHTS = "PG weights"
 
 KEY_AUTO_DISTANCE = "PG base distance"
 
@@ -46,7 +50,7 @@ ADETAILER_NOTE = f"ADetailer passes (to include them, {ADETAILER_HINT})"
 EXTENSION_FOLDER = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INFOTEXT_KEYS = (KEY_OMEGA, KEY_OMEGA_END, KEY_SCHEDULE, KEY_RANGE, KEY_BASE, KEY_WEAK_PROMPT, KEY_SKIPPED, KEY_STRIP,
-                 KEY_AUTO_DISTANCE)
+                 KEY_AUTO_DISTANCE, KEY_WEIGHTS)
 
 # The base choice that picks the checkpoint closest to the active one.
 AUTOMATIC = "Automatic"
@@ -70,6 +74,8 @@ class Controller:
         self.cache = WeakModelCache()
         self.fingerprints = FingerprintCache()  # automatic base detection, per checkpoint file
         self.active_run = None  # the GuidanceRun of the sampling call in flight, if any
+        self.exact_sizes = {}  # (active file, base file, element size) -> bytes exact mode holds
+        self.weights_note = None  # the infotext's "PG weights" of the last weak model used
 
     # -- lifetime -------------------------------------------------------
     def on_model_loaded(self, _sd_model):
@@ -78,6 +84,7 @@ class Controller:
     def shutdown(self):
         self.cache.clear()
         self.fingerprints.clear()
+        self.exact_sizes.clear()
 
     def after_generation(self):
         """Called from the script's postprocess(): honour "keep weak weights" off."""
@@ -127,7 +134,11 @@ class Controller:
             log(f"ADetailer's inpainting passes will run without PG: {ADETAILER_HINT}")
 
         def sample_with_pg(*args, **kwargs):
-            return self._sample(p, settings, base_info, passes_without_pg, original_sample, args, kwargs)
+            self.weights_note = None
+            result = self._sample(p, settings, base_info, passes_without_pg, original_sample, args, kwargs)
+            if self.weights_note:  # how the weak weights were held: known once they are built
+                p.extra_generation_params[KEY_WEIGHTS] = self.weights_note
+            return result
 
         sample_with_pg.pg_original = original_sample
         p.sample = sample_with_pg  # an instance attribute of this generation's p only
@@ -230,16 +241,36 @@ class Controller:
         stripped = stripped_networks(settings)
         unet_param = next(model.model.diffusion_model.parameters())
         device = compute_device(model)
+        plan = self._weights_plan(model, settings, base_info, stripped, unet_param.dtype)
         base_key = None
         if base_info is not None:
             stat = os.stat(base_info.filename)
             base_key = (base_info.filename, stat.st_size, stat.st_mtime)
         key = (id(model), live_version(model), base_key, settings.omega_key, str(unet_param.dtype), str(device),
-               network_signature(), tuple(id(net) for net in stripped))
+               network_signature(), tuple(id(net) for net in stripped), plan.key)
         weak = self.cache.get(key)
-        if weak is not None:
-            return weak
-        self.cache.clear()  # free the old weak weights before building new ones
+        if weak is None:
+            self.cache.clear()  # free the old weak weights before building new ones
+            device_for = lambda p: device if device is not None else p.device  # noqa: E731
+            try:
+                if plan.lean_budget is not None:
+                    weak = self._build_lean(model, settings, base_info, plan, device_for)
+                else:
+                    weak = self._build_exact(model, settings, base_info, stripped, device_for)
+            except torch.cuda.OutOfMemoryError as error:
+                raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
+            except MemoryError:
+                raise PGError("not enough memory to read the base checkpoint and build the weak weights") from None
+            self.cache.put(key, weak)
+        try:
+            check_memory_budget(weak)  # on every generation: a kept weak model too
+        except PGError:
+            self.cache.clear()
+            raise
+        self.weights_note = weak.description if base_info is not None else None
+        return weak
+
+    def _build_exact(self, model, settings, base_info, stripped, device_for):
         started = time.perf_counter()
         base_state = None
         try:
@@ -248,21 +279,10 @@ class Controller:
                 base_state = sd_models.read_state_dict(base_info.filename, map_location="cpu")
             weak = build_weak_model(model, base_state, settings.omega_key,
                                     base_name=base_info.title if base_info is not None else "",
-                                    device_for=lambda p: device if device is not None else p.device,
-                                    **reference)
-        except torch.cuda.OutOfMemoryError as error:
-            raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
-        except MemoryError:
-            raise PGError("not enough memory to read the base checkpoint and build the weak weights") from None
+                                    device_for=device_for, **reference)
         finally:
             base_state = None
-        budget_mb = float(getattr(shared.opts, "pg_memory_budget_mb", 0) or 0)
-        if budget_mb > 0 and weak.extra_bytes > budget_mb * 2**20:
-            needed = weak.extra_bytes / 2**20
-            weak = None
-            raise PGError(f"the weak weights need {needed:.0f} MiB, above the memory budget of {budget_mb:.0f} MiB "
-                          "(Settings → Personalization Guidance)")
-        self.cache.put(key, weak)
+        weak.description = "exact"
         source = base_info.title if base_info is not None else "the active model"
         if stripped:
             source += f" without LoRA {', '.join(net.name for net in stripped)}"
@@ -271,6 +291,174 @@ class Controller:
             f"{len(weak.unet)} UNet ({low_rank} low-rank) and {len(weak.text)} text-encoder layers differ, "
             f"extra memory {weak.extra_bytes / 2**20:.1f} MiB")
         return weak
+
+    # -- lean weak weights ----------------------------------------------------
+    def _weights_plan(self, model, settings, base_info, stripped, live_dtype):
+        """Exact copies or lean factors, and the lean budget (see `weights_plan`)."""
+        if base_info is None or settings.weights == "exact":
+            return WeightsPlan()
+        if stripped:
+            if settings.weights == "lean":
+                raise PGError("lean weak weights ('weights': 'lean') factor a base checkpoint's difference; "
+                              "they cannot be combined with LoRAs to strip")
+            return WeightsPlan()
+        element_size = torch.empty((), dtype=lean_dtype(live_dtype)).element_size()
+        exact_bytes = self._exact_bytes(active_file(model), base_info.filename, element_size)
+        available = None if settings.weights == "lean" else self._available_bytes(model)
+        return weights_plan(settings, exact_bytes, available)
+
+    def _exact_bytes(self, active_path, base_path, element_size):
+        key = (checkpoints.file_identity(active_path), checkpoints.file_identity(base_path), element_size)
+        if key not in self.exact_sizes:
+            with checkpoints.open_checkpoint(active_path, "active checkpoint") as active, \
+                    checkpoints.open_checkpoint(base_path, "base checkpoint") as base:
+                self.exact_sizes[key] = lowrank.estimated_differing_bytes(active, base, element_size)
+        return self.exact_sizes[key]
+
+    def _available_bytes(self, model):
+        """The memory the weak weights may take: Settings' budget, else on a GPU
+        its free memory (plus what the kept weak weights hold) less a margin for
+        sampling; None (no limit) on a CPU."""
+        budget = memory_budget_bytes()
+        if budget is not None:
+            return budget
+        device = compute_device(model) or next(model.model.diffusion_model.parameters()).device
+        if device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(device)
+        held = self.cache.weak.extra_bytes if self.cache.weak is not None else 0
+        return max(free + held - max(GPU_MARGIN_BYTES, int(GPU_MARGIN_SHARE * total)), 0)
+
+    def _build_lean(self, model, settings, base_info, plan, device_for):
+        started = time.perf_counter()
+        dtype = lean_dtype(next(model.model.diffusion_model.parameters()).dtype)
+        active_info = model.sd_checkpoint_info
+        path = lean_cache_path(active_info, base_info, plan.lean_budget, dtype)
+        if os.path.isfile(path):
+            lean = lowrank.read_lean_file(path)
+            how = f"read {path} in {(time.perf_counter() - started) * 1000:.0f} ms"
+        else:
+            lean = factor_with_progress(active_info.filename, base_info.filename, plan.lean_budget, dtype)
+            how = f"factored in {time.perf_counter() - started:.1f} s"
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                lowrank.write_lean_file(lean, path, {"pg_active": active_info.title, "pg_base": base_info.title})
+                how += f", cached as {path}"
+            except OSError as error:
+                how += f" (not cached: {error})"
+        weak = lowrank.build_lean_weak_model(model, lean, settings.omega_key, device_for=device_for)
+        weak.description = f"low-rank {plan.lean_budget / 2**20:.0f} MiB, {100 * lean.energy_share:.0f} %"
+        log(f"lean weak weights from {base_info.title}: {len(lean.factors)} layers low-rank, {len(lean.exact)} tensors "
+            f"exact, {weak.extra_bytes / 2**20:.1f} MiB of a {plan.lean_budget / 2**20:.0f} MiB budget (exact copy: "
+            f"{lean.differing_bytes / 2**20:.0f} MiB), {100 * lean.energy_share:.1f} % of the difference's energy; {how}")
+        return weak
+
+
+# The GPU memory auto mode leaves free for sampling (activations, VAE decode).
+GPU_MARGIN_BYTES = 2 * 2**30
+GPU_MARGIN_SHARE = 0.15
+
+
+class WeightsPlan:
+    """Exact copies (lean_budget None) or lean factors within lean_budget bytes."""
+
+    def __init__(self, lean_budget=None):
+        self.lean_budget = lean_budget
+
+    @property
+    def key(self):
+        return ("lean", self.lean_budget) if self.lean_budget is not None else ("exact",)
+
+
+def weights_plan(settings, exact_bytes, available_bytes):
+    """Exact where they fit: a forced lean budget no smaller than the exact
+    copy gets the exact copy (exact mode's result, bit for bit); automatic
+    mode takes the exact copy within the memory available (None: no limit),
+    else lean factors within the lean budget, at most what is available."""
+    requested = int(settings.lean_budget_mb * 2**20) if settings.lean_budget_mb else lowrank.default_budget(exact_bytes)
+    if settings.weights == "lean":
+        return WeightsPlan() if requested >= exact_bytes else WeightsPlan(requested)
+    if available_bytes is None or exact_bytes <= available_bytes:
+        return WeightsPlan()
+    if requested <= available_bytes:
+        return WeightsPlan(requested)
+    # Free memory moves a little between generations: a power of two MiB keeps
+    # the budget (and so the cached factors) the same across them.
+    return WeightsPlan(2 ** max(int(math.log2(max(available_bytes, 2**20))), 20))
+
+
+def memory_budget_bytes():
+    budget_mb = float(getattr(shared.opts, "pg_memory_budget_mb", 0) or 0)
+    return int(budget_mb * 2**20) if budget_mb > 0 else None
+
+
+def check_memory_budget(weak):
+    budget = memory_budget_bytes()
+    if budget is not None and weak.extra_bytes > budget:
+        raise PGError(f"the weak weights need {weak.extra_bytes / 2**20:.0f} MiB, above the memory budget of "
+                      f"{budget / 2**20:.0f} MiB (Settings → Personalization Guidance; or lean weights with a smaller budget)")
+
+
+def lean_dtype(live_dtype):
+    """Factors are stored in the live dtype; fp8 weight storage keeps them in fp16."""
+    return live_dtype if live_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+
+
+def active_file(model):
+    info = getattr(model, "sd_checkpoint_info", None)
+    if info is None or not os.path.isfile(info.filename):
+        raise PGError("lean weak weights need the active model's checkpoint file")
+    return info.filename
+
+
+def file_hash(info):
+    """webui's sha256 of a checkpoint (computed once and kept in webui's hash cache)."""
+    if not getattr(info, "sha256", None):
+        info.calculate_shorthash()
+    return info.sha256
+
+
+def lean_cache_folder():
+    """PG's own folder under webui's models folder (next to Stable-diffusion/)."""
+    return os.path.join(os.path.dirname(os.path.abspath(sd_models.model_path)), "PersonalizationGuidance")
+
+
+def lean_cache_path(active_info, base_info, budget_bytes, dtype):
+    """One file per (active hash, base hash, budget, dtype): reused across restarts."""
+    name = (f"lean-{file_hash(active_info)[:12]}-{file_hash(base_info)[:12]}-{budget_bytes}B-"
+            f"{str(dtype).replace('torch.', '')}.safetensors")
+    return os.path.join(lean_cache_folder(), name)
+
+
+def factor_with_progress(active_path, base_path, budget_bytes, dtype):
+    """Factor on the compute device (the GPU when there is one), with webui's
+    progress bar and a console one; Interrupt stops it between tensors."""
+    device = devices.device if devices.device.type == "cuda" else devices.cpu
+    state = shared.state
+    state.textinfo = "Personalization Guidance: factoring the weak weights"
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = Progress("[Personalization Guidance] factoring the weak weights", total, sys.stdout, min_total=0)
+        bar.advance(done - bar.done)
+        state.sampling_step, state.sampling_steps = int(100 * done / max(total, 1)), 100
+
+    def should_stop():
+        return bool(state.interrupted or getattr(state, "stopping_generation", False))
+
+    try:
+        with checkpoints.open_checkpoint(active_path, "active checkpoint") as active, \
+                checkpoints.open_checkpoint(base_path, "base checkpoint") as base:
+            return lowrank.factor_pair(active, base, budget_bytes, dtype, device, progress, should_stop)
+    except lowrank.FactoringInterrupted:
+        raise PGError("interrupted while factoring the weak weights (nothing was cached)") from None
+    finally:
+        if bar is not None:
+            bar.finish()
+        state.sampling_step, state.sampling_steps = 0, 0
+        state.textinfo = None
 
 
 class WeakConditioning:
@@ -542,6 +730,30 @@ def network_deltas(module, layer_name, merged, stripped, error_counts):
         if merged:
             weight = (weight.to(dtype=updown.dtype) + updown.reshape(weight.shape)).to(dtype=module.weight.dtype)
     return deltas
+
+
+def weights_from_infotext(text):
+    """(weights mode, lean budget MiB) of a "PG weights" infotext value: "exact",
+    "low-rank 256 MiB, 91 %"; absent: automatic."""
+    text = str(text or "").strip()
+    if text.startswith("low-rank"):
+        try:
+            return "lean", float(text.split()[1])
+        except (IndexError, ValueError):
+            return "lean", 0.0
+    return ("exact", 0.0) if text == "exact" else ("auto", 0.0)
+
+
+def weights_from_text(text):
+    """(weights mode, lean budget MiB) of an XYZ value: "auto", "exact", "lean", "lean 256"."""
+    words = str(text).lower().replace("mib", "").split()
+    if not words or words[0] not in pg_settings.WEIGHTS or (len(words) > 1 and words[0] != "lean") or len(words) > 2:
+        raise ValueError(f"{text!r} is not auto, exact, lean or lean <MiB>")
+    try:
+        budget = float(words[1]) if len(words) > 1 else 0.0
+    except ValueError:
+        raise ValueError(f"{text!r}: the budget must be a number of MiB") from None
+    return words[0], budget
 
 
 def infotext_params(settings, base_info):

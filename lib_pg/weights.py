@@ -101,6 +101,7 @@ class WeakLayer:
     fixed_omega: float = None
     corrections: tuple = ()  # x -> Δy of stripped low-rank networks; weak rows add (ω − 1)·ΣΔy
     scope: object = None  # ω -> context manager the weak rows run in (e.g. network multipliers set to ω·m)
+    correction_bytes: int = 0  # memory the corrections hold (lean factors; a LoRA's own weights count elsewhere)
     _fixed_swaps: tuple = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -132,7 +133,7 @@ class WeakLayer:
 
     def nbytes(self) -> int:
         held = (self.ref or ()) + (self.fixed or ())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in held) + self.correction_bytes
 
 
 # torch's CPU allocator aligns every tensor it allocates to 64 bytes, so the
@@ -209,6 +210,7 @@ class WeakModel:
     text_scope: object = None  # ω -> context manager for the weak text encoder's call, if any
     base_family: str = ""
     live_family: str = ""
+    description: str = ""  # how the weak weights are held, for the infotext ("exact", "low-rank 256 MiB, 91 %")
 
     @property
     def extra_bytes(self) -> int:

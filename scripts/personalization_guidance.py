@@ -80,6 +80,13 @@ class PersonalizationGuidanceScript(scripts.Script):
                 omega_end = gr.Slider(0.0, 1.0, value=d.omega_end, step=0.01, elem_id=f"{tab}_pg_omega_end",
                                       label="ω at the end (linear / cosine schedule)")
                 with gr.Row():
+                    weights = gr.Radio(list(pg_settings.WEIGHTS_LABELS), value=_label(pg_settings.WEIGHTS_LABELS, d.weights),
+                                       elem_id=f"{tab}_pg_weights",
+                                       label="Weak weights from a base (Automatic: exact copies where they fit the memory, "
+                                             "else low-rank factors)")
+                    lean_budget = gr.Number(value=d.lean_budget_mb, precision=0, elem_id=f"{tab}_pg_lean_budget",
+                                            label="Low-rank budget, MiB (0: 8 % of the exact copy)")
+                with gr.Row():
                     start = gr.Slider(0.0, 1.0, value=d.start, step=0.01, elem_id=f"{tab}_pg_start", label="Active from (fraction of steps)")
                     end = gr.Slider(0.0, 1.0, value=d.end, step=0.01, elem_id=f"{tab}_pg_end", label="Active until (fraction of steps)")
 
@@ -94,11 +101,14 @@ class PersonalizationGuidanceScript(scripts.Script):
             (start, _range_part(0)),
             (end, _range_part(1)),
             (strip_loras, lambda params: params.get(k.KEY_STRIP, "") if k.KEY_OMEGA in params else None),
+            (weights, lambda params: _label(pg_settings.WEIGHTS_LABELS, k.weights_from_infotext(params.get(k.KEY_WEIGHTS))[0])
+             if k.KEY_OMEGA in params else None),
+            (lean_budget, lambda params: k.weights_from_infotext(params.get(k.KEY_WEIGHTS))[1] if k.KEY_OMEGA in params else None),
         ]
         self.paste_field_names = [k.KEY_OMEGA, k.KEY_BASE, k.KEY_WEAK_PROMPT, k.KEY_SCHEDULE, k.KEY_OMEGA_END,
-                                  k.KEY_RANGE, k.KEY_STRIP]
+                                  k.KEY_RANGE, k.KEY_STRIP, k.KEY_WEIGHTS]
         # The order here is the API's positional order (lib_pg.settings.ARG_ORDER).
-        return [enabled, omega, base, weak_prompt, schedule, omega_end, start, end, strip_loras]
+        return [enabled, omega, base, weak_prompt, schedule, omega_end, start, end, strip_loras, weights, lean_budget]
 
     def process(self, p, *args):
         CONTROLLER.prepare(p, args)
@@ -178,7 +188,24 @@ def make_axis_options(xyz_grid):
                             confirm=_xyz_confirm_bases, cost=0.8, choices=checkpoints),
         xyz_grid.AxisOption("[PG] Weak prompt", str, _xyz_apply("weak_prompt"), choices=lambda: list(pg_settings.WEAK_PROMPTS)),
         xyz_grid.AxisOption("[PG] Strip LoRAs", str, _xyz_apply("strip_loras"), cost=0.4),
+        xyz_grid.AxisOption("[PG] Weights", str, _xyz_apply_weights, confirm=_xyz_confirm_weights, cost=0.6,
+                            choices=lambda: ["auto", "exact", "lean"]),
     ]
+
+
+def _xyz_apply_weights(p, value, _values):
+    """'auto', 'exact', 'lean' or 'lean 256' (a budget in MiB)."""
+    mode, budget = webui_adapter.weights_from_text(value)
+    _xyz_apply("weights")(p, mode, _values)
+    _xyz_apply("lean_budget_mb")(p, budget, _values)
+
+
+def _xyz_confirm_weights(_p, values):
+    for value in values:
+        try:
+            webui_adapter.weights_from_text(value)
+        except ValueError as error:
+            raise RuntimeError(f"[PG] Weights: {error}") from None
 
 
 def _register_xyz_axes():
@@ -201,7 +228,8 @@ def _add_settings():
                                              refresh=sd_models.list_models, section=section),
         "pg_keep_weak_weights": shared.OptionInfo(True, "Keep the weak weights in memory between generations (faster; they hold memory while idle)",
                                                   section=section),
-        "pg_memory_budget_mb": shared.OptionInfo(0, "Memory budget for the weak weights, MiB (0: no limit; above it the generation stops with a message)",
+        "pg_memory_budget_mb": shared.OptionInfo(0, "Memory budget for the weak weights, MiB (0: the GPU's free memory less a margin; no limit on a CPU). "
+                                                 "Above it automatic weights become low-rank factors; exact ones stop the generation with a message",
                                                  gr.Number, {"precision": 0}, section=section),
         "pg_accordion_open": shared.OptionInfo(False, "Open the Personalization Guidance accordion by default", section=section),
     }

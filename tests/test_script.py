@@ -324,7 +324,8 @@ def test_infotext_pastes_back_every_control(env):
         pasted.append(key(params) if callable(key) else params.get(key))
     settings = pg_settings.from_script_args(pasted)
     base_title = sd_models.get_closet_checkpoint_match("base").title
-    assert settings == pg_settings.PGSettings(**{**wanted, "base": base_title})
+    # "PG weights: exact" pastes back as exact: the weights this image was made with
+    assert settings == pg_settings.PGSettings(**{**wanted, "base": base_title, "weights": "exact"})
     # an infotext without PG turns PG off and leaves the other controls alone
     plain = infotext_utils.parse_generation_parameters("a dog\nSteps: 3, Seed: 1")
     assert [key(plain) if callable(key) else plain.get(key) for _, key in script.infotext_fields][0] is False

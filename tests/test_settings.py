@@ -37,7 +37,7 @@ def test_single_object_form_fills_missing_keys_with_defaults():
     ([{"omega_end": -0.1}], "'omega_end'"),
     ([{"start": 0.8, "end": 0.2}], "'start'"),
     ([{"omegaa": 0.3}], "unknown key(s) 'omegaa'"),
-    ([True, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0, "", "extra"], "at most 9 arguments"),
+    ([True, 0.5, "", "Negative prompt", "Constant", 0.5, 0.0, 1.0, "", "auto", 0, "extra"], "at most 11 arguments"),
     ([{"strip_loras": 3}], "'strip_loras'"),
 ])
 def test_bad_values_name_the_field(args, field):

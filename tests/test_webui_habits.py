@@ -31,7 +31,8 @@ def test_axes_are_registered_once_before_the_ui(env):
     script_callbacks.before_ui_callback()
     script_callbacks.before_ui_callback()
     labels = [o.label for o in xyz_grid_fake.axis_options]
-    wanted = ["[PG] Enabled", "[PG] ω", "[PG] ω end", "[PG] Base checkpoint", "[PG] Weak prompt", "[PG] Strip LoRAs"]
+    wanted = ["[PG] Enabled", "[PG] ω", "[PG] ω end", "[PG] Base checkpoint", "[PG] Weak prompt", "[PG] Strip LoRAs",
+              "[PG] Weights"]
     assert [label for label in labels if label.startswith("[PG]")] == wanted
     assert axis("[PG] Enabled").choices() == ["False", "True"]
     assert sd_models.get_closet_checkpoint_match("base").title in axis("[PG] Base checkpoint").choices()
@@ -79,7 +80,7 @@ def test_settings_section_and_their_effects(env):
     assert webui_adapter.CONTROLLER.cache.weak is None  # freed after the generation
     shared.opts.data["pg_memory_budget_mb"] = 1
     with pytest.raises(PGError, match="above the memory budget of 1 MiB"):
-        env.generate(pg_args(0.3))
+        env.generate(pg_args(0.3, weights="exact"))  # (automatic weights would go lean: tests/test_lean_webui.py)
     shared.opts.data["pg_memory_budget_mb"] = 0
     shared.opts.data["pg_default_base"] = "base"
     runner = scripts.ScriptRunner()
