@@ -1,7 +1,8 @@
 """Personalization guidance (Park et al., ICCV 2025) for stable-diffusion-webui.
 
 The core of this package is plain torch + safetensors + numpy and never imports
-webui; `lib_pg.webui_adapter` is the one module that talks to webui.
+a host; `lib_pg.hosts` holds the code that talks to one (a folder per host:
+webui, Forge, reForge, and what they share).
 """
 
 from lib_pg.errors import PGError

@@ -1,13 +1,13 @@
 """webui always-on script: the "Personalization Guidance" accordion.
 
-UI and webui lifecycle only; the work happens in lib_pg (via its webui adapter).
+UI and webui lifecycle only; the work happens in lib_pg, through the host's folder in lib_pg/hosts.
 """
 
 from modules import script_callbacks, scripts
 
 from lib_pg import hosts
 from lib_pg import settings as pg_settings
-from lib_pg import webui_adapter
+from lib_pg.hosts.common import frontend
 
 # webui's Controller, or the one of a supported fork (Forge, reForge), chosen by the packages the host ships.
 CONTROLLER = hosts.controller()
@@ -21,8 +21,8 @@ def _label(labels, short):
 
 def _range_part(index):
     def read(params):
-        text = params.get(webui_adapter.KEY_RANGE)
-        if webui_adapter.KEY_OMEGA not in params:
+        text = params.get(frontend.KEY_RANGE)
+        if frontend.KEY_OMEGA not in params:
             return None
         if not text:
             return (0.0, 1.0)[index]
@@ -62,11 +62,11 @@ class PersonalizationGuidanceScript(scripts.Script):
                 omega = gr.Slider(0.0, 1.0, value=d.omega, step=0.01, elem_id=f"{tab}_pg_omega",
                                   label="Weak model strength ω (lower = stronger pull toward your subject; 1 = plain CFG)")
             with gr.Row():
-                base = gr.Dropdown(choices=["", webui_adapter.AUTOMATIC] + sd_models.checkpoint_tiles(),
+                base = gr.Dropdown(choices=["", frontend.AUTOMATIC] + sd_models.checkpoint_tiles(),
                                    value=getattr(shared.opts, "pg_default_base", "") or "", elem_id=f"{tab}_pg_base",
                                    label="Base checkpoint (the one your model was trained from)")
                 ui_common.create_refresh_button(base, sd_models.list_models,
-                                                lambda: {"choices": ["", webui_adapter.AUTOMATIC] + sd_models.checkpoint_tiles()},
+                                                lambda: {"choices": ["", frontend.AUTOMATIC] + sd_models.checkpoint_tiles()},
                                                 f"{tab}_pg_base_refresh")
             with gr.Row():
                 strip_loras = gr.Textbox(value="", elem_id=f"{tab}_pg_strip_loras", max_lines=1,
@@ -90,7 +90,7 @@ class PersonalizationGuidanceScript(scripts.Script):
                     start = gr.Slider(0.0, 1.0, value=d.start, step=0.01, elem_id=f"{tab}_pg_start", label="Active from (fraction of steps)")
                     end = gr.Slider(0.0, 1.0, value=d.end, step=0.01, elem_id=f"{tab}_pg_end", label="Active until (fraction of steps)")
 
-        k = webui_adapter
+        k = frontend
         self.infotext_fields = [
             (enabled, lambda params: k.KEY_OMEGA in params),
             (omega, k.KEY_OMEGA),
@@ -156,9 +156,9 @@ script_callbacks.on_script_unloaded(_on_script_unloaded)
 # -- the XYZ plot -----------------------------------------------------------
 def _xyz_apply(key, convert=lambda x: x):
     def apply(p, value, _values):
-        overrides = dict(getattr(p, webui_adapter.XYZ_OVERRIDES, None) or {})  # p is a shallow copy per cell
+        overrides = dict(getattr(p, frontend.XYZ_OVERRIDES, None) or {})  # p is a shallow copy per cell
         overrides[key] = convert(value)
-        setattr(p, webui_adapter.XYZ_OVERRIDES, overrides)
+        setattr(p, frontend.XYZ_OVERRIDES, overrides)
 
     return apply
 
@@ -195,7 +195,7 @@ def make_axis_options(xyz_grid):
 
 def _xyz_apply_weights(p, value, _values):
     """'auto', 'exact', 'lean' or 'lean 256' (a budget in MiB)."""
-    mode, budget = webui_adapter.weights_from_text(value)
+    mode, budget = frontend.weights_from_text(value)
     _xyz_apply("weights")(p, mode, _values)
     _xyz_apply("lean_budget_mb")(p, budget, _values)
 
@@ -203,7 +203,7 @@ def _xyz_apply_weights(p, value, _values):
 def _xyz_confirm_weights(_p, values):
     for value in values:
         try:
-            webui_adapter.weights_from_text(value)
+            frontend.weights_from_text(value)
         except ValueError as error:
             raise RuntimeError(f"[PG] Weights: {error}") from None
 
@@ -224,7 +224,7 @@ def _add_settings():
     section = ("personalization_guidance", "Personalization Guidance")
     options = {
         "pg_default_base": shared.OptionInfo("", "Default base checkpoint ('Automatic': the closest checkpoint in weight space)",
-                                             gr.Dropdown, lambda: {"choices": ["", webui_adapter.AUTOMATIC] + sd_models.checkpoint_tiles()},
+                                             gr.Dropdown, lambda: {"choices": ["", frontend.AUTOMATIC] + sd_models.checkpoint_tiles()},
                                              refresh=sd_models.list_models, section=section),
         "pg_keep_weak_weights": shared.OptionInfo(True, "Keep the weak weights in memory between generations (faster; they hold memory while idle)",
                                                   section=section),

@@ -19,17 +19,18 @@ from tests.helpers import interpolated_copy
 from tests.test_script import Env, pg_args, same_images
 
 FAKE_FORGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_forge")
-FAKE_PACKAGES = ("backend", "modules_forge", "forge_host", "lib_pg.forge_adapter", "lib_pg.reforge_adapter")
+FAKE_PACKAGES = ("backend", "modules_forge", "forge_host", "lib_pg.hosts.forge", "lib_pg.hosts.reforge")
 
 
 def _forget_fake_forge():
     for name in list(sys.modules):
-        if name.split(".")[0] in FAKE_PACKAGES or name in FAKE_PACKAGES:
+        if name.split(".")[0] in FAKE_PACKAGES or any(name == p or name.startswith(p + ".") for p in FAKE_PACKAGES):
             del sys.modules[name]
-    import lib_pg
+    import lib_pg.hosts
 
-    lib_pg.__dict__.pop("reforge_adapter", None)
-    lib_pg.__dict__.pop("forge_adapter", None)  # `from lib_pg import reforge_adapter` would find the old one
+    # `from lib_pg.hosts.forge import controller` would find the forgotten package through these
+    lib_pg.hosts.__dict__.pop("reforge", None)
+    lib_pg.hosts.__dict__.pop("forge", None)
 
 
 class ForgeEnv(Env):
@@ -38,7 +39,7 @@ class ForgeEnv(Env):
         self.host = importlib.import_module("forge_host")
         self.samplers = importlib.import_module("backend.sampling.sampling_function")
         self.forge_objects = self.host.install(self.model, monkeypatch)
-        self.adapter = importlib.import_module("lib_pg.forge_adapter")
+        self.adapter = importlib.import_module("lib_pg.hosts.forge.controller")
 
 
 @pytest.fixture
@@ -72,9 +73,7 @@ class TaggedRecorder:
 # -- host detection -----------------------------------------------------------
 def test_forge_is_told_apart_by_its_packages(forge):
     assert hosts.detect() == hosts.FORGE
-    from lib_pg import webui_adapter
-
-    assert webui_adapter.unsupported_host() is None
+    assert hosts.unsupported_host() is None
 
 
 # -- generations -----------------------------------------------------------------

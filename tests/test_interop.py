@@ -9,7 +9,7 @@ import torch
 
 from modules import script_callbacks, scripts, sd_samplers_common, shared
 
-from lib_pg import webui_adapter
+from lib_pg.hosts.webui import sampling as webui_sampling
 from lib_pg.errors import PGError
 from lib_pg.interop import CONTROLNET_MARK, carry_marks, controlnet_marks
 from lib_pg.patching import module_state_fingerprint
@@ -240,5 +240,5 @@ def test_the_stop_message_names_the_extensions_that_hook_sampling(env, monkeypat
         env.generate(pg_args(0.3), steps=2)
     message = str(raised.value)
     assert "(some-tiler)" in message and "stops the generation" in message, message
-    assert webui_adapter._extension_of(namespace["on_step"]) == "some-tiler"
-    assert webui_adapter._extension_of(test_the_stop_message_names_the_extensions_that_hook_sampling) is None
+    assert webui_sampling.extension_of(namespace["on_step"]) == "some-tiler"
+    assert webui_sampling.extension_of(test_the_stop_message_names_the_extensions_that_hook_sampling) is None

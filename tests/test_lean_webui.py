@@ -10,7 +10,9 @@ from modules import infotext_utils, scripts, shared
 
 from lib_pg import lowrank
 from lib_pg import settings as pg_settings
-from lib_pg import webui_adapter
+from lib_pg.hosts.common import frontend
+from lib_pg.hosts.common import lean as pg_lean
+from lib_pg.hosts.webui import controller as webui_controller
 from lib_pg.errors import PGError
 from tests.test_script import Env, pg_args, same_images
 
@@ -26,7 +28,7 @@ def env(tmp_path):
 
 
 def weights_infotext(result):
-    return infotext_utils.parse_generation_parameters(result.infotexts[0]).get(webui_adapter.KEY_WEIGHTS)
+    return infotext_utils.parse_generation_parameters(result.infotexts[0]).get(frontend.KEY_WEIGHTS)
 
 
 def images_distance(a, b):
@@ -38,7 +40,7 @@ def test_lean_with_a_budget_above_the_exact_copy_is_exact_mode_bit_for_bit(env):
     lean, _ = env.generate(pg_args(0.5, weights="lean", lean_budget_mb=1000))
     assert same_images(exact, lean)
     assert weights_infotext(lean) == "exact"
-    assert not os.path.isdir(webui_adapter.lean_cache_folder())  # nothing factored
+    assert not os.path.isdir(pg_lean.lean_cache_folder())  # nothing factored
 
 
 def test_small_budget_is_closer_to_exact_than_cfg_and_cached_across_restarts(env, monkeypatch):
@@ -49,13 +51,13 @@ def test_small_budget_is_closer_to_exact_than_cfg_and_cached_across_restarts(env
     assert images_distance(lean, exact) < images_distance(plain, exact)
     note = weights_infotext(lean)  # e.g. "low-rank 4 MiB, 58 %"
     assert note.startswith("low-rank 4 MiB, ") and note.endswith(" %") and note.split()[-2].isdigit()
-    assert webui_adapter.lean_cache_folder() == str(env.models_root / "PersonalizationGuidance")
-    weak = webui_adapter.CONTROLLER.cache.weak
+    assert pg_lean.lean_cache_folder() == str(env.models_root / "PersonalizationGuidance")
+    weak = webui_controller.CONTROLLER.cache.weak
     assert weak.extra_bytes <= 4 * 2**20
-    files = os.listdir(webui_adapter.lean_cache_folder())
+    files = os.listdir(pg_lean.lean_cache_folder())
     assert len(files) == 1 and files[0].endswith("-4194304B-float32.safetensors")
 
-    webui_adapter.CONTROLLER.shutdown()  # a restart: nothing in memory, the file on disk
+    webui_controller.CONTROLLER.shutdown()  # a restart: nothing in memory, the file on disk
 
     def no_factoring(*_args, **_kwargs):
         raise AssertionError("factored again")
@@ -75,18 +77,18 @@ def test_automatic_takes_lean_factors_when_the_exact_copy_is_above_the_memory_bu
     shared.opts.data["pg_memory_budget_mb"] = 1
     result, _ = env.generate(pg_args(0.5))
     assert weights_infotext(result).startswith("low-rank ")
-    assert webui_adapter.CONTROLLER.cache.weak.extra_bytes <= 2**20
+    assert webui_controller.CONTROLLER.cache.weak.extra_bytes <= 2**20
     with pytest.raises(PGError, match="above the memory budget of 1 MiB"):
         env.generate(pg_args(0.5, weights="exact"))
 
 
 def test_the_memory_budget_holds_for_kept_weak_weights_too(env):
     env.generate(pg_args(0.5, weights="exact"))
-    assert webui_adapter.CONTROLLER.cache.weak is not None
+    assert webui_controller.CONTROLLER.cache.weak is not None
     shared.opts.data["pg_memory_budget_mb"] = 1  # lowered between generations: the kept copy no longer fits
     with pytest.raises(PGError, match="above the memory budget of 1 MiB"):
         env.generate(pg_args(0.5, weights="exact"))
-    assert webui_adapter.CONTROLLER.cache.weak is None  # and its memory went back
+    assert webui_controller.CONTROLLER.cache.weak is None  # and its memory went back
 
 
 def test_interrupt_stops_factoring_and_caches_nothing(env, monkeypatch):
@@ -99,13 +101,13 @@ def test_interrupt_stops_factoring_and_caches_nothing(env, monkeypatch):
     monkeypatch.setattr(lowrank, "truncated_svd", interrupting)
     with pytest.raises(PGError, match="interrupted while factoring"):
         env.generate(pg_args(0.5, weights="lean", lean_budget_mb=4))
-    folder = webui_adapter.lean_cache_folder()
+    folder = pg_lean.lean_cache_folder()
     assert not os.path.isdir(folder) or not os.listdir(folder)
     assert shared.state.textinfo is None
 
 
 def test_the_plan_exact_or_lean():
-    plan = webui_adapter.weights_plan
+    plan = pg_lean.weights_plan
     lean = pg_settings.PGSettings(True, weights="lean")
     auto = pg_settings.PGSettings(True)
     mib = 2**20
@@ -118,9 +120,9 @@ def test_the_plan_exact_or_lean():
 
 
 def test_lean_refuses_loras_to_strip(env):
-    info = webui_adapter.sd_models.get_closet_checkpoint_match("base")
+    info = webui_controller.sd_models.get_closet_checkpoint_match("base")
     with pytest.raises(PGError, match="cannot be combined with LoRAs to strip"):
-        webui_adapter.CONTROLLER._weights_plan(shared.sd_model, pg_settings.PGSettings(True, weights="lean"), info,
+        webui_controller.CONTROLLER._weights_plan(shared.sd_model, pg_settings.PGSettings(True, weights="lean"), info,
                                                ["a stripped network"], torch.float32)
 
 
@@ -143,10 +145,10 @@ def test_controls_api_forms_paste_back_and_xyz(env):
     settings = pg_settings.from_script_args(pasted)
     assert (settings.weights, settings.lean_budget_mb) == ("lean", 4.0)
 
-    assert webui_adapter.weights_from_text("lean 256") == ("lean", 256.0)
-    assert webui_adapter.weights_from_text("Exact") == ("exact", 0.0)
+    assert frontend.weights_from_text("lean 256") == ("lean", 256.0)
+    assert frontend.weights_from_text("Exact") == ("exact", 0.0)
     with pytest.raises(ValueError):
-        webui_adapter.weights_from_text("lean lots")
+        frontend.weights_from_text("lean lots")
 
 
 def test_xyz_weights_axis_sets_mode_and_budget(env):
@@ -162,4 +164,4 @@ def test_xyz_weights_axis_sets_mode_and_budget(env):
 
     p = P()
     axis.apply(p, "lean 8", None)
-    assert getattr(p, webui_adapter.XYZ_OVERRIDES) == {"weights": "lean", "lean_budget_mb": 8.0}
+    assert getattr(p, frontend.XYZ_OVERRIDES) == {"weights": "lean", "lean_budget_mb": 8.0}

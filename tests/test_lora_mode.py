@@ -15,7 +15,7 @@ if LORA_DIR not in sys.path:
 import networks  # noqa: E402  (the fake of extensions-builtin/Lora/networks.py)
 from modules import prompt_parser, sd_models, shared  # noqa: E402
 
-from lib_pg import webui_adapter  # noqa: E402
+from lib_pg.hosts.webui import controller as webui_controller  # noqa: E402
 from lib_pg.errors import PGError  # noqa: E402
 from lib_pg.patching import module_state_fingerprint  # noqa: E402
 from tests.lora_files import write_kohya_lora, write_lycoris  # noqa: E402
@@ -117,7 +117,7 @@ def test_plain_lora_costs_no_weight_copy_in_the_unet(lenv):
     lenv.add("subject", "lora")
     lenv.activate(["subject"], [1.0])
     lenv.generate(pg_args(0.3, base="", strip_loras=True))
-    weak = webui_adapter.CONTROLLER.cache.weak
+    weak = webui_controller.CONTROLLER.cache.weak
     # merged: low-rank corrections on the weak rows, or copies of the layers where they cost most,
     # within twice the LoRA's UNet weights; functional: the multipliers scaled in forward, no copy
     assert weak.unet and all(layer.corrections or layer.names or lenv_functional() for layer in weak.unet)
@@ -167,7 +167,7 @@ def test_with_a_base_checkpoint_the_reference_is_the_base_without_the_stripped_l
     lenv.add("style", "lokr", seed=2)
     lenv.activate(["subject", "style"], [1.0, 1.0])
     lenv.generate(pg_args(0.0, base="base", strip_loras=["subject"]))
-    weak = webui_adapter.CONTROLLER.cache.weak
+    weak = webui_controller.CONTROLLER.cache.weak
     base_params = dict(lenv.base_inner.named_parameters())
     names = {id(m): n for n, m in lenv.tuned_inner.named_modules()}
     style = next(net for net in networks.loaded_networks if net.name == "style")
@@ -191,8 +191,8 @@ def test_with_a_base_checkpoint_the_reference_is_the_base_without_the_stripped_l
 
 def test_changing_loras_and_multipliers_rebuild_the_weak_weights(lenv, monkeypatch):
     builds = []
-    real_build = webui_adapter.build_weak_model
-    monkeypatch.setattr(webui_adapter, "build_weak_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    real_build = webui_controller.build_weak_model
+    monkeypatch.setattr(webui_controller, "build_weak_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     lenv.add("subject", "loha", seed=1)
     lenv.add("other", "lora", seed=3)
     for names, multipliers in ((["subject"], [1.0]), (["subject"], [1.0]), (["subject"], [0.5]), (["other"], [0.5])):

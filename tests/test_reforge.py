@@ -19,16 +19,16 @@ from tests.helpers import interpolated_copy
 from tests.test_script import Env, pg_args, same_images
 
 FAKE_REFORGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_reforge")
-FAKE_PACKAGES = ("ldm_patched", "modules_forge", "reforge_host", "lib_pg.reforge_adapter")
+FAKE_PACKAGES = ("ldm_patched", "modules_forge", "reforge_host", "lib_pg.hosts.reforge")
 
 
 def _forget_fake_reforge():
     for name in list(sys.modules):
-        if name.split(".")[0] in FAKE_PACKAGES or name in FAKE_PACKAGES:
+        if name.split(".")[0] in FAKE_PACKAGES or any(name == p or name.startswith(p + ".") for p in FAKE_PACKAGES):
             del sys.modules[name]
-    import lib_pg
+    import lib_pg.hosts
 
-    lib_pg.__dict__.pop("reforge_adapter", None)  # `from lib_pg import reforge_adapter` would find the old one
+    lib_pg.hosts.__dict__.pop("reforge", None)  # `from lib_pg.hosts.reforge import controller` would find the forgotten one
 
 
 class ReForgeEnv(Env):
@@ -37,7 +37,7 @@ class ReForgeEnv(Env):
         self.host = importlib.import_module("reforge_host")
         self.samplers = importlib.import_module("ldm_patched.modules.samplers")
         self.forge_objects = self.host.install(self.model, monkeypatch)
-        self.adapter = importlib.import_module("lib_pg.reforge_adapter")
+        self.adapter = importlib.import_module("lib_pg.hosts.reforge.controller")
 
 
 @pytest.fixture
@@ -71,14 +71,12 @@ class TaggedRecorder:
 # -- host detection -----------------------------------------------------------
 def test_hosts_are_told_apart_by_their_packages(reforge, monkeypatch):
     assert hosts.detect() == hosts.REFORGE
-    from lib_pg import webui_adapter
-
-    assert webui_adapter.unsupported_host() is None
+    assert hosts.unsupported_host() is None
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "backend" else (None if name == "ldm_patched" else real_find_spec(name, *a)))
     assert hosts.detect() == hosts.FORGE
-    assert webui_adapter.unsupported_host() is None  # Forge has an adapter too (tests/test_forge.py)
+    assert hosts.unsupported_host() is None  # Forge has an adapter too (tests/test_forge.py)
 
 
 def test_plain_webui_is_webui():

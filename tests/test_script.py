@@ -12,7 +12,8 @@ import gradio as gr  # the fake one (tests/fake_webui/gradio.py)
 from modules import errors, infotext_utils, processing, prompt_parser, script_callbacks, scripts, sd_models, shared
 
 from lib_pg import settings as pg_settings
-from lib_pg import webui_adapter
+from lib_pg import hosts
+from lib_pg.hosts.webui import controller as webui_controller
 from lib_pg.errors import PGError
 from lib_pg.patching import module_state_fingerprint
 from tests.helpers import fine_tune, interpolated_copy
@@ -36,7 +37,7 @@ def reset_fake_webui():
     processing.clear_cond_cache()
     gr.reset()
     errors.reported.clear()
-    webui_adapter.CONTROLLER.shutdown()
+    webui_controller.CONTROLLER.shutdown()
 
 
 def generate_with(script_module, pg=None, **kwargs):
@@ -99,7 +100,7 @@ class UNetRecorder:
         self.handle = unet.register_forward_hook(self.record, with_kwargs=True)
 
     def record(self, _module, args, kwargs, output):
-        run = webui_adapter.CONTROLLER.active_run
+        run = webui_controller.CONTROLLER.active_run
         split = run.router.current if run is not None else None
         self.calls.append((args[0].clone(), args[1].clone(), kwargs["context"].clone(), output.clone(), split))
 
@@ -283,19 +284,19 @@ def test_model_comes_back_exactly_on_error_interrupt_and_skip(env):
 
 def test_weak_weights_are_cached_and_freed(env, monkeypatch):
     builds = []
-    real_build = webui_adapter.build_weak_model
-    monkeypatch.setattr(webui_adapter, "build_weak_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    real_build = webui_controller.build_weak_model
+    monkeypatch.setattr(webui_controller, "build_weak_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     env.generate(pg_args(0.3))
     env.generate(pg_args(0.3), seed=9)
     assert len(builds) == 1
     env.generate(pg_args(0.4))
     assert len(builds) == 2
-    assert webui_adapter.CONTROLLER.cache.weak is not None
+    assert webui_controller.CONTROLLER.cache.weak is not None
     env.generate([False])
-    assert webui_adapter.CONTROLLER.cache.weak is None  # disabled: memory given back
+    assert webui_controller.CONTROLLER.cache.weak is None  # disabled: memory given back
     env.generate(pg_args(0.4))
     sd_models.set_model(env.model, env.tuned_info)  # webui's on_model_loaded
-    assert webui_adapter.CONTROLLER.cache.weak is None
+    assert webui_controller.CONTROLLER.cache.weak is None
     # weights changed in place (a reload, a merged LoRA): rebuilt, not reused
     env.generate(pg_args(0.4))
     with torch.no_grad():
@@ -338,10 +339,10 @@ def test_a_p_processed_twice_is_wrapped_once(env):
     script = runner.add_script(env.script_module.PersonalizationGuidanceScript)
     p = processing.StableDiffusionProcessingTxt2Img(prompt="a dog", steps=2, width=32, height=32, seed=1, sampler_name="Euler",
                                                     scripts=runner, script_args=runner.make_script_args({script: pg_args(0.3)}))
-    webui_adapter.CONTROLLER.prepare(p, pg_args(0.3))
-    webui_adapter.CONTROLLER.prepare(p, pg_args(0.3))
+    webui_controller.CONTROLLER.prepare(p, pg_args(0.3))
+    webui_controller.CONTROLLER.prepare(p, pg_args(0.3))
     assert not hasattr(p.sample.pg_original, "pg_original")
-    webui_adapter.CONTROLLER.prepare(p, [False])
+    webui_controller.CONTROLLER.prepare(p, [False])
     assert not hasattr(p.sample, "pg_original")
 
 
@@ -367,7 +368,7 @@ def test_an_unsupported_fork_refuses_enabled_generations_by_name(env, monkeypatc
     host; disabled generations run as usual."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == package else real_find_spec(name, *a))
-    assert webui_adapter.unsupported_host() == host
+    assert hosts.unsupported_host() == host
     with pytest.raises(PGError, match=f"this webui is {host}, which PG does not support yet"):
         env.generate(pg_args(0.3))
     assert not env.pg_callbacks()

@@ -6,7 +6,7 @@ import torch
 
 from modules import sd_models, shared
 
-from lib_pg import webui_adapter
+from lib_pg.hosts.webui import controller as webui_controller
 from lib_pg.patching import module_state_fingerprint
 from tests.ldm_models import make_sdxl, save_checkpoint
 from tests.helpers import fine_tune
@@ -46,7 +46,7 @@ def test_sdxl_routes_and_restores(xl):
     recorder.remove()
     assert not same_images(plain, guided)
     assert module_state_fingerprint(tuned) == before
-    weak = webui_adapter.CONTROLLER.cache.weak
+    weak = webui_controller.CONTROLLER.cache.weak
     assert weak.text and weak.live_family == "SDXL" and weak.base_family == "SDXL"
     x, t, context, output, split = recorder.calls[0]
     assert split is not None and split.split == 1

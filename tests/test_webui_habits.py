@@ -6,7 +6,8 @@ import torch
 import xyz_grid_fake
 from modules import script_callbacks, scripts, shared, sd_models
 
-from lib_pg import webui_adapter
+from lib_pg import checkpoints
+from lib_pg.hosts.webui import controller as webui_controller
 from lib_pg.errors import PGError
 from tests.ldm_models import make_sd1, make_sdxl_like_state_dict, save_checkpoint
 from tests.test_script import Env, pg_args
@@ -41,8 +42,8 @@ def test_axes_are_registered_once_before_the_ui(env):
 def test_grid_of_omega_by_cfg_builds_once_per_omega(env, monkeypatch):
     script_callbacks.before_ui_callback()
     builds = []
-    real_build = webui_adapter.build_weak_model
-    monkeypatch.setattr(webui_adapter, "build_weak_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    real_build = webui_controller.build_weak_model
+    monkeypatch.setattr(webui_controller, "build_weak_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     runner = scripts.ScriptRunner()
     script = runner.add_script(env.script_module.PersonalizationGuidanceScript)
     # PG's box unticked, base picked: the ω axis turns PG on for its cells
@@ -77,7 +78,7 @@ def test_settings_section_and_their_effects(env):
         assert labels[key].section == ("personalization_guidance", "Personalization Guidance")
     shared.opts.data["pg_keep_weak_weights"] = False
     env.generate(pg_args(0.3))
-    assert webui_adapter.CONTROLLER.cache.weak is None  # freed after the generation
+    assert webui_controller.CONTROLLER.cache.weak is None  # freed after the generation
     shared.opts.data["pg_memory_budget_mb"] = 1
     with pytest.raises(PGError, match="above the memory budget of 1 MiB"):
         env.generate(pg_args(0.3, weights="exact"))  # (automatic weights would go lean: tests/test_lean_webui.py)
@@ -96,7 +97,7 @@ def test_automatic_base_picks_the_closest_checkpoint(env, tmp_path):
     info = result.infotexts[0]
     assert "PG base: base.safetensors [" in info and "PG base distance: " in info
     distance = float(info.split("PG base distance: ")[1].split(",")[0])
-    assert distance < webui_adapter.find_base.__globals__["MAX_BASE_DISTANCE"]
+    assert distance < checkpoints.MAX_BASE_DISTANCE
 
 
 def test_automatic_base_refuses_when_nothing_is_plausible(env, tmp_path):

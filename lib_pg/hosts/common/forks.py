@@ -1,0 +1,194 @@
+"""What Forge and reForge share: webui's front end over a ComfyUI-style backend.
+
+Both keep `p.sample`, the `on_cfg_denoiser` callback (which still sets the
+step's negative conditioning: Forge backend/sampling/sampling_function.py
+reads `denoiser_params.text_uncond`, reForge modules_forge/forge_sampler.py
+too) and webui's checkpoint list, and both sample through a backend whose
+calc_cond(_uncond)_batch tags each chunk of a UNet call in
+`transformer_options["cond_or_uncond"]` (lib_pg.forks routes by those tags).
+What differs is where the UNet and text encoder live, how a base checkpoint
+is read and which model families exist: each fork's controller says that.
+"""
+
+import os
+import time
+
+import torch
+
+from lib_pg.errors import PGError
+from lib_pg.forks import TaggedGuidanceRun, place_like_live
+from lib_pg.guidance import UnroutedStep, live_version
+from lib_pg.hosts.common.conditioning import WeakConditioning
+from lib_pg.hosts.common.controller import Controller
+from lib_pg.hosts.common.frontend import KEY_SKIPPED, check_memory_budget, log, skipped_note
+from lib_pg.interop import carry_marks
+from lib_pg.weights import build_weak_model, live_parameters
+
+from modules import script_callbacks, shared  # noqa: E402
+
+
+class ForkWeakConditioning(WeakConditioning):
+    """The front end's weak conditioning, with the fork's text encoder loaded
+    first: after that load, swapping its parameters for the call cannot be
+    undone by a load inside the call."""
+
+    def __init__(self, p, settings, weak, model, load_text_encoder):
+        super().__init__(p, settings, weak, model)
+        self.load_text_encoder = load_text_encoder
+
+    def _compute(self, hires, omega):
+        if omega < 1.0 and self.weak.text:
+            self.load_text_encoder(self.model)
+            place_like_live(self.weak.text)
+        return super()._compute(hires, omega)
+
+
+class ForkController(Controller):
+    """The sampling and weak weights both forks share; a fork's subclass names
+    the host and provides the methods under "what each fork provides"."""
+
+    HOST = "a Forge-based fork"
+
+    @property
+    def skip_reason(self):
+        return f"{self.HOST} ran no unconditional pass: CFG Scale 1, NGMS or Skip Early CFG"
+
+    # -- what each fork provides ------------------------------------------
+    def check_model(self, model):
+        """Raise PGError for a model PG does not support on this fork."""
+        raise NotImplementedError
+
+    def has_lora_patches(self, model):
+        """Whether the fork's patcher holds LoRA patches for the UNet or text encoder."""
+        raise NotImplementedError
+
+    def ldm_view(self, model):
+        """An nn.Module with ldm's layout (`model.diffusion_model`, `cond_stage_model`) over the fork's model."""
+        return model
+
+    def read_base(self, path):
+        """The base checkpoint's state dict, ldm keys, on the CPU."""
+        raise NotImplementedError
+
+    def host_parameters(self, model):
+        """A predicate: is this live parameter one the fork adds (no checkpoint holds it)?
+        Such a parameter is the same in the live and the base model."""
+        return lambda _key: False
+
+    def load_text_encoder(self, model):
+        raise NotImplementedError
+
+    def adjust_weak(self, weak):
+        """Fix up layers the fork wraps (after build_weak_model)."""
+
+    def cache_identity(self, model):
+        return ()
+
+    # -- the request ------------------------------------------------------
+    def _check_request(self, p, settings):
+        if not settings.base and not settings.strip_loras:
+            raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from)")
+        if settings.strip_loras:
+            raise PGError(f"'strip_loras' (LoRAs to strip) is not supported on {self.HOST} yet; "
+                          "use a base checkpoint, or AUTOMATIC1111's webui for LoRA stripping")
+        if settings.weights == "lean":
+            raise PGError(f"lean weak weights ('weights': 'lean') are not supported on {self.HOST} yet; "
+                          "use 'auto' or 'exact'")
+        model = shared.sd_model
+        self.check_model(model)
+        return self._chosen_base(settings, model)
+
+    # -- the sampling call -----------------------------------------------
+    def _sample(self, p, settings, base_info, passes_without_pg, original_sample, args, kwargs):
+        model = shared.sd_model
+        checkpoint = getattr(model, "sd_checkpoint_info", None)
+        try:
+            weak = self._weak_model(model, settings, base_info)
+        except PGError as error:
+            log(f"Error: {error.reason}")
+            raise
+        unet = self.ldm_view(model).model.diffusion_model
+        texts = ForkWeakConditioning(p, settings, weak, model, self.load_text_encoder)
+        with TaggedGuidanceRun(unet, weak, settings, skip_reason=self.skip_reason) as run:
+            if texts.needed and settings.schedule == "constant" and settings.omega < 1.0:
+                # Before sampling: encoding loads the text encoder, which may move the UNet.
+                texts.at(settings.omega, 0)
+
+            def on_denoiser(params):
+                if params.denoiser is None or params.denoiser.p is not p:
+                    return
+                try:
+                    ours = shared.sd_model is model and getattr(shared.sd_model, "sd_checkpoint_info", None) is checkpoint
+                    omega = run.begin_step(params.denoiser.step, params.denoiser.total_steps, params.x.shape[0], ours)
+                    if omega < 1.0 and texts.needed and params.text_uncond is not None:  # None: no negative prompt at CFG 1 (Forge)
+                        params.text_uncond = carry_marks(params.text_uncond, texts.at(omega, params.denoiser.step))
+                except BaseException as error:  # the host would only log it: the next UNet call raises it
+                    run.router.fail(error)
+
+            script_callbacks.on_cfg_denoiser(on_denoiser, name="personalization_guidance")
+            self.active_run = run
+            try:
+                result = original_sample(*args, **kwargs)
+            except UnroutedStep as error:
+                raise PGError(f"{error.reason}. PG stops the generation rather than run without guidance") from None
+            finally:
+                self.active_run = None
+                script_callbacks.remove_callbacks_for_function(on_denoiser)
+        note = skipped_note(run.report, passes_without_pg)
+        if note:
+            p.extra_generation_params[KEY_SKIPPED] = note
+        else:
+            p.extra_generation_params.pop(KEY_SKIPPED, None)
+        return result
+
+    # -- the weak weights -------------------------------------------------
+    def _weak_model(self, model, settings, base_info):
+        if self.has_lora_patches(model):
+            raise PGError(f"LoRAs in the prompt are not supported by PG on {self.HOST} yet (it merges them only when "
+                          "sampling starts); remove them, or use AUTOMATIC1111's webui")
+        view = self.ldm_view(model)
+        unet_param = next(view.model.diffusion_model.parameters())
+        stat = os.stat(base_info.filename)
+        key = (id(model), *self.cache_identity(model), live_version(view), (base_info.filename, stat.st_size, stat.st_mtime),
+               settings.omega_key, str(unet_param.dtype))
+        weak = self.cache.get(key)
+        if weak is None:
+            self.cache.clear()  # free the old weak weights before building new ones
+            weak = self._build(model, view, settings, base_info)
+            self.cache.put(key, weak)
+        try:
+            check_memory_budget(weak)  # on every generation: a kept weak model too
+        except PGError:
+            self.cache.clear()
+            raise
+        self.weights_note = weak.description
+        return weak
+
+    def _build(self, model, view, settings, base_info):
+        started = time.perf_counter()
+        base_state = None
+        try:
+            base_state = self.read_base(base_info.filename)
+            is_host_parameter = self.host_parameters(model)
+            for live_key, (_module, _name, param) in live_parameters(view).items():
+                if live_key not in base_state:
+                    if is_host_parameter(live_key):
+                        base_state[live_key] = param.detach()
+                elif base_state[live_key].dtype == param.dtype:
+                    # A tensor read from the file may sit at any offset of its buffer; BLAS kernels
+                    # can round differently on unaligned memory, so ω = 0 would not be the base
+                    # model bit for bit. A copy is freshly (aligned) allocated, like the live weights.
+                    base_state[live_key] = base_state[live_key].clone()
+            weak = build_weak_model(view, base_state, settings.omega_key, base_name=base_info.title)
+        except torch.cuda.OutOfMemoryError as error:
+            raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
+        except MemoryError:
+            raise PGError("not enough memory to read the base checkpoint and build the weak weights") from None
+        finally:
+            base_state = None
+        self.adjust_weak(weak)
+        weak.description = "exact"
+        log(f"built weak model from {base_info.title} in {time.perf_counter() - started:.2f} s: "
+            f"{len(weak.unet)} UNet and {len(weak.text)} text-encoder layers differ, "
+            f"extra memory {weak.extra_bytes / 2**20:.1f} MiB")
+        return weak

@@ -1,0 +1,109 @@
+"""Lean weak weights as the front end sees them: exact or lean within which
+budget, the cache file under the models folder, and factoring with the
+front end's progress bar and Interrupt (the factoring itself is lib_pg.lowrank)."""
+
+import math
+import os
+import sys
+
+from lib_pg import checkpoints, lowrank
+from lib_pg.errors import PGError
+from lib_pg.inspector import Progress
+
+import torch
+
+from modules import devices, sd_models, shared  # noqa: E402
+
+# The GPU memory automatic mode leaves free for sampling (activations, VAE decode).
+GPU_MARGIN_BYTES = 2 * 2**30
+GPU_MARGIN_SHARE = 0.15
+
+
+class WeightsPlan:
+    """Exact copies (lean_budget None) or lean factors within lean_budget bytes."""
+
+    def __init__(self, lean_budget=None):
+        self.lean_budget = lean_budget
+
+    @property
+    def key(self):
+        return ("lean", self.lean_budget) if self.lean_budget is not None else ("exact",)
+
+
+def weights_plan(settings, exact_bytes, available_bytes):
+    """Exact where they fit: a forced lean budget no smaller than the exact
+    copy gets the exact copy (exact mode's result, bit for bit); automatic
+    mode takes the exact copy within the memory available (None: no limit),
+    else lean factors within the lean budget, at most what is available."""
+    requested = int(settings.lean_budget_mb * 2**20) if settings.lean_budget_mb else lowrank.default_budget(exact_bytes)
+    if settings.weights == "lean":
+        return WeightsPlan() if requested >= exact_bytes else WeightsPlan(requested)
+    if available_bytes is None or exact_bytes <= available_bytes:
+        return WeightsPlan()
+    if requested <= available_bytes:
+        return WeightsPlan(requested)
+    # Free memory moves a little between generations: a power of two MiB keeps
+    # the budget (and so the cached factors) the same across them.
+    return WeightsPlan(2 ** max(int(math.log2(max(available_bytes, 2**20))), 20))
+
+
+def lean_dtype(live_dtype):
+    """Factors are stored in the live dtype; fp8 weight storage keeps them in fp16."""
+    return live_dtype if live_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+
+
+def active_file(model):
+    info = getattr(model, "sd_checkpoint_info", None)
+    if info is None or not os.path.isfile(info.filename):
+        raise PGError("lean weak weights need the active model's checkpoint file")
+    return info.filename
+
+
+def file_hash(info):
+    """webui's sha256 of a checkpoint (computed once and kept in webui's hash cache)."""
+    if not getattr(info, "sha256", None):
+        info.calculate_shorthash()
+    return info.sha256
+
+
+def lean_cache_folder():
+    """PG's own folder under webui's models folder (next to Stable-diffusion/)."""
+    return os.path.join(os.path.dirname(os.path.abspath(sd_models.model_path)), "PersonalizationGuidance")
+
+
+def lean_cache_path(active_info, base_info, budget_bytes, dtype):
+    """One file per (active hash, base hash, budget, dtype): reused across restarts."""
+    name = (f"lean-{file_hash(active_info)[:12]}-{file_hash(base_info)[:12]}-{budget_bytes}B-"
+            f"{str(dtype).replace('torch.', '')}.safetensors")
+    return os.path.join(lean_cache_folder(), name)
+
+
+def factor_with_progress(active_path, base_path, budget_bytes, dtype):
+    """Factor on the compute device (the GPU when there is one), with the
+    front end's progress bar and a console one; Interrupt stops it between tensors."""
+    device = devices.device if devices.device.type == "cuda" else devices.cpu
+    state = shared.state
+    state.textinfo = "Personalization Guidance: factoring the weak weights"
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = Progress("[Personalization Guidance] factoring the weak weights", total, sys.stdout, min_total=0)
+        bar.advance(done - bar.done)
+        state.sampling_step, state.sampling_steps = int(100 * done / max(total, 1)), 100
+
+    def should_stop():
+        return bool(state.interrupted or getattr(state, "stopping_generation", False))
+
+    try:
+        with checkpoints.open_checkpoint(active_path, "active checkpoint") as active, \
+                checkpoints.open_checkpoint(base_path, "base checkpoint") as base:
+            return lowrank.factor_pair(active, base, budget_bytes, dtype, device, progress, should_stop)
+    except lowrank.FactoringInterrupted:
+        raise PGError("interrupted while factoring the weak weights (nothing was cached)") from None
+    finally:
+        if bar is not None:
+            bar.finish()
+        state.sampling_step, state.sampling_steps = 0, 0
+        state.textinfo = None

@@ -1,0 +1,94 @@
+"""PG on Forge (lllyasviel/stable-diffusion-webui-forge, its `backend/` since 2024-08).
+
+Forge keeps webui's front end (processing, scripts, prompt_parser, the
+on_cfg_denoiser callback) but `shared.sd_model` is a ForgeDiffusionEngine, not an
+nn.Module: the UNet is `forge_objects.unet.model.diffusion_model` (ldm names)
+and the SD 1.x text encoder `forge_objects.clip.cond_stage_model.clip_l`
+(`transformer.text_model...`). PG looks at them through an nn.Module view with
+ldm's layout (`model.diffusion_model`, `cond_stage_model`), so checkpoint keys
+match by name, and reads base checkpoints itself (Forge's
+sd_models.read_state_dict is a stub). Sampling is tagged as on reForge
+(backend/sampling/sampling_function.py calc_cond_uncond_batch,
+`transformer_options["cond_or_uncond"]`).
+
+Supported here: SD 1.x with a base checkpoint, as on reForge.
+"""
+
+import os
+
+import torch
+
+from lib_pg.errors import PGError
+from lib_pg.hosts.common.forks import ForkController
+from lib_pg.weights import read_checkpoint
+
+SUPPORTED_ENGINES = ("StableDiffusion",)  # backend/diffusion_engine/sd15.py
+QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
+
+
+class LdmView(torch.nn.Module):
+    """The engine's UNet and text encoder under ldm's names (shares their modules, owns nothing)."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = engine.forge_objects.unet.model.diffusion_model
+        self.cond_stage_model = engine.forge_objects.clip.cond_stage_model.clip_l
+
+
+def checkpoint_keys(path):
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return set(f.keys())
+    return None
+
+
+class ForgeController(ForkController):
+    HOST = "Forge"
+
+    def check_model(self, engine):
+        family = type(engine).__name__
+        inpaint = getattr(engine, "is_inpaint", False)
+        if family not in SUPPORTED_ENGINES or inpaint:
+            raise PGError(f"this model's family ({family}{' inpainting' if inpaint else ''}) "
+                          f"is not supported by PG on {self.HOST}; supported: SD 1.x")
+        storage = getattr(engine.forge_objects.unet.model, "storage_dtype", None)
+        if str(storage) in QUANTIZED_STORAGE:
+            raise PGError(f"a quantized UNet ({storage}) is not supported by PG on {self.HOST}")
+
+    def has_lora_patches(self, engine):
+        return bool(getattr(engine.forge_objects.unet, "lora_patches", None)
+                    or getattr(engine.forge_objects.clip.patcher, "lora_patches", None))
+
+    def ldm_view(self, engine):
+        return LdmView(engine)
+
+    def cache_identity(self, engine):
+        return (id(engine.forge_objects.unet.model),)
+
+    def read_base(self, path):
+        return read_checkpoint(path)  # Forge's sd_models.read_state_dict is a stub
+
+    def host_parameters(self, engine):
+        """Forge's own parameters (logit_scale): in the live model, in no checkpoint file."""
+        active = getattr(engine, "sd_checkpoint_info", None)
+        active_keys = checkpoint_keys(active.filename) if active is not None and os.path.isfile(active.filename) else None
+        return lambda key: active_keys is not None and key not in active_keys
+
+    def load_text_encoder(self, engine):
+        from backend import memory_management
+
+        memory_management.load_model_gpu(engine.forge_objects.clip.patcher)
+
+    def adjust_weak(self, weak):
+        for layer in weak.text:
+            # backend/text_processing/classic_engine.py CLIPEmbeddingForTextualInversion registers the
+            # embedding's weight as its own parameter too; the forward reads the wrapped one's.
+            if type(layer.module).__name__ == "CLIPEmbeddingForTextualInversion":
+                layer.module = layer.module.wrapped
+                layer._fixed_swaps = None
+
+
+CONTROLLER = ForgeController()

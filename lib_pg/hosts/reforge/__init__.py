@@ -1,0 +1,1 @@
+"""Panchovix/stable-diffusion-webui-reForge (`ldm_patched/`): controller.py."""
