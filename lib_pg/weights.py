@@ -251,7 +251,7 @@ def check_compatible(live_shapes: dict, base_shapes: dict, base_name: str):
 
 def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, base_name: str = "base",
                      device_for=None, offsets=None, corrections=None, scope=None, scoped_modules=(),
-                     text_scope=None) -> WeakModel:
+                     text_scope=None, live_state=None) -> WeakModel:
     """Match the reference key by key against the live model and keep, for each
     module whose weights differ, what the weak branch needs.
 
@@ -269,6 +269,9 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     `settings_omega_key` is ("constant", ω) to store θ_ω itself (one copy of the
     differing weights), or ("scheduled",) to store θ_ref and interpolate per step.
     `device_for(param)` gives where a weak tensor must live (default: with the param).
+    `live_state[key]`, where given, stands for the live parameter: the weights
+    the host will sample with when they are not the parameter yet (a host that
+    merges LoRA patches only when it loads the model for sampling).
     """
     import time
 
@@ -304,7 +307,8 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
             if base_state is None and key not in offsets:
                 continue
             device = device_for(param) if device_for else param.device
-            live = param.detach()
+            live = live_state.get(key) if live_state else None
+            live = (param if live is None else live).detach()
             if live.device != device:
                 live = live.to(device)
             if base_state is not None:

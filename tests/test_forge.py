@@ -15,6 +15,7 @@ from lib_pg import hosts
 from lib_pg.errors import PGError
 from lib_pg.forks import call_tags, weak_rows_from_tags
 from lib_pg.patching import module_state_fingerprint
+from tests import fork_lora_checks as lora_checks
 from tests.helpers import interpolated_copy
 from tests.test_script import Env, pg_args, same_images
 
@@ -33,13 +34,39 @@ def _forget_fake_forge():
     lib_pg.hosts.__dict__.pop("forge", None)
 
 
+def load_fake_networks(monkeypatch):
+    """The fake of extensions-builtin/sd_forge_lora/networks.py as the module `networks` (its name in Forge)."""
+    path = os.path.join(FAKE_FORGE, "extensions-builtin", "sd_forge_lora", "networks.py")
+    spec = importlib.util.spec_from_file_location("networks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "networks", module)
+    return module
+
+
 class ForgeEnv(Env):
     def __init__(self, tmp_path, monkeypatch, **kwargs):
         super().__init__(tmp_path, **kwargs)
         self.host = importlib.import_module("forge_host")
         self.samplers = importlib.import_module("backend.sampling.sampling_function")
-        self.forge_objects = self.host.install(self.model, monkeypatch)
+        self.networks = load_fake_networks(monkeypatch)
+        self.forge_objects = self.host.install(self.model, monkeypatch, networks=self.networks)
         self.adapter = importlib.import_module("lib_pg.hosts.forge.controller")
+
+    def patch_state(self):
+        """Forge's LoRA state, by identity: both patchers' lora_patches and the loader's backups."""
+        objects = self.model.forge_objects
+        state = [self.model.current_lora_hash]
+        for patcher in (objects.unet, objects.clip.patcher):
+            state.append([(k, [(key, [id(e) for e in entries]) for key, entries in patches.items()])
+                          for k, patches in patcher.lora_patches.items()])
+            loader = patcher.lora_loader
+            state.append((loader.loaded_hash, sorted((k, id(v)) for k, v in loader.backup.items())))
+        return state
+
+    def use_base_checkpoint(self, monkeypatch):
+        model = lora_checks.use_base_checkpoint(self, monkeypatch, lambda m: self.host.install(m, monkeypatch, networks=self.networks))
+        self.model = model
 
 
 @pytest.fixture
@@ -169,7 +196,7 @@ def test_fine_tuned_text_encoder_encodes_the_weak_negative_prompt(tmp_path, monk
         before = module_state_fingerprint(env.tuned_inner)
         monkeypatch.setattr(env.samplers, "MEMORY_CHUNKS", 1)
         guided, _ = env.generate(pg_args(0.0), cfg_scale=0.0)
-        assert management.loaded == [env.forge_objects.clip.patcher], "the text encoder is loaded before its weights are swapped"
+        assert management.loaded[0] is env.forge_objects.clip.patcher, "the text encoder is loaded before its weights are swapped"
         assert module_state_fingerprint(env.tuned_inner) == before
         embedding = env.tuned_inner.cond_stage_model.transformer.text_model.embeddings.token_embedding
         assert type(embedding).__name__ == "CLIPEmbeddingForTextualInversion"
@@ -235,7 +262,7 @@ def test_a_wrapper_that_drops_the_tags_stops_the_generation(forge):
 @pytest.mark.parametrize("args, message", [
     (pg_args(0.3, base="nope"), "unknown base checkpoint 'nope'"),
     (pg_args(0.3, base=""), "choose a base checkpoint"),
-    (pg_args(0.3, strip_loras="mydog"), "'strip_loras' (LoRAs to strip) is not supported on Forge yet"),
+    (pg_args(0.3, strip_loras="mydog"), "'strip_loras' is set but no LoRA is active"),
     (pg_args(1.5), "omega"),
 ])
 def test_bad_input_stops_the_generation(forge, args, message):
@@ -252,10 +279,57 @@ def test_other_families_are_refused_by_name(forge, monkeypatch):
         forge.generate(pg_args(0.3))
 
 
-def test_loras_in_the_prompt_are_refused(forge):
-    forge.forge_objects.unet.lora_patches = {("mydog.safetensors", 1.0, 1.0, False): {"diffusion_model.out.2.weight": []}}
-    with pytest.raises(PGError, match="LoRAs in the prompt are not supported by PG on Forge yet"):
-        forge.generate(pg_args(0.3))
+# -- LoRAs (tests/fork_lora_checks.py) ------------------------------------------------------
+@pytest.fixture
+def forge_lora(forge, tmp_path):
+    lora_checks.add_loras(forge, tmp_path, forge.networks)
+    return forge
+
+
+def test_loras_change_the_image(forge_lora):
+    lora_checks.check_loras_change_the_image(forge_lora)
+
+
+def test_lora_strip_at_omega_one_is_plain_cfg(forge_lora):
+    lora_checks.check_omega_one_is_plain_cfg(forge_lora)
+
+
+def test_lora_strip_weak_branch_is_the_model_without_the_lora(forge_lora, monkeypatch):
+    lora_checks.check_stripped_weak_branch_is_the_model_without_the_lora(forge_lora, monkeypatch)
+
+
+def test_lora_strip_weak_weights_are_the_lerp_of_reference_and_live(forge_lora):
+    lora_checks.check_weak_weights_are_the_lerp_of_reference_and_live(forge_lora)
+
+
+def test_base_with_loras_is_the_base_model_with_the_same_loras(forge_lora, monkeypatch):
+    lora_checks.check_base_with_loras_is_the_base_model_with_the_same_loras(forge_lora, monkeypatch)
+
+
+def test_base_built_right_after_a_lora_generation(forge_lora):
+    lora_checks.check_base_built_right_after_a_lora_generation(forge_lora)
+
+
+def test_lora_state_unchanged_after_success_error_and_interrupt(forge_lora):
+    lora_checks.check_state_unchanged_after_success_error_and_interrupt(forge_lora)
+
+
+def test_lora_weak_weights_are_kept_while_the_loras_are(forge_lora, monkeypatch):
+    lora_checks.check_weak_weights_are_kept_while_the_loras_are(forge_lora, monkeypatch)
+
+
+def test_lora_strip_errors(forge_lora):
+    lora_checks.check_strip_errors(forge_lora)
+
+
+def test_online_loras_are_refused(forge_lora, monkeypatch):
+    """Forge's online LoRA (a UNet stored in another dtype) applies the patches in each forward."""
+    monkeypatch.setattr(forge_lora.networks, "ONLINE", True)
+    forge_lora.generate(prompt=lora_checks.DOG)
+    before = (forge_lora.patch_state(), module_state_fingerprint(forge_lora.tuned_inner))
+    with pytest.raises(PGError, match="LoRAs applied online"):
+        forge_lora.generate(lora_checks.strip(0.3), prompt=lora_checks.DOG)
+    assert (forge_lora.patch_state(), module_state_fingerprint(forge_lora.tuned_inner)) == before
 
 
 def test_model_comes_back_exactly_on_error_and_interrupt(forge):

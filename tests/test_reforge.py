@@ -15,6 +15,7 @@ from lib_pg import hosts
 from lib_pg.errors import PGError
 from lib_pg.forks import TaggedStepRouter, call_tags, weak_rows_from_tags
 from lib_pg.patching import module_state_fingerprint
+from tests import fork_lora_checks as lora_checks
 from tests.helpers import interpolated_copy
 from tests.test_script import Env, pg_args, same_images
 
@@ -31,13 +32,38 @@ def _forget_fake_reforge():
     lib_pg.hosts.__dict__.pop("reforge", None)  # `from lib_pg.hosts.reforge import controller` would find the forgotten one
 
 
+def load_fake_networks(monkeypatch):
+    """The fake of extensions-builtin/Lora/networks.py as the module `networks` (its name in reForge)."""
+    path = os.path.join(FAKE_REFORGE, "extensions-builtin", "Lora", "networks.py")
+    spec = importlib.util.spec_from_file_location("networks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "networks", module)
+    return module
+
+
 class ReForgeEnv(Env):
     def __init__(self, tmp_path, monkeypatch, **kwargs):
         super().__init__(tmp_path, **kwargs)
         self.host = importlib.import_module("reforge_host")
         self.samplers = importlib.import_module("ldm_patched.modules.samplers")
-        self.forge_objects = self.host.install(self.model, monkeypatch)
+        self.networks = load_fake_networks(monkeypatch)
+        self.forge_objects = self.host.install(self.model, monkeypatch, networks=self.networks)
         self.adapter = importlib.import_module("lib_pg.hosts.reforge.controller")
+
+    def patch_state(self):
+        """reForge's LoRA state, by identity: both patchers' patch lists and uuids, the shared backups."""
+        objects = self.model.forge_objects
+        state = [self.model.current_lora_hash]
+        for patcher in (objects.unet, objects.clip.patcher):
+            state.append(sorted((key, [id(e) for e in entries]) for key, entries in patcher.patches.items()))
+            state.append((patcher.patches_uuid, patcher.model.current_weight_patches_uuid,
+                          sorted((k, id(v.weight)) for k, v in patcher.backup.items())))
+        return state
+
+    def use_base_checkpoint(self, monkeypatch):
+        model = lora_checks.use_base_checkpoint(self, monkeypatch, lambda m: self.host.install(m, monkeypatch, networks=self.networks))
+        self.model = model
 
 
 @pytest.fixture
@@ -207,7 +233,7 @@ def test_fine_tuned_text_encoder_encodes_the_weak_negative_prompt(tmp_path, monk
         before = module_state_fingerprint(env.tuned_inner)
         monkeypatch.setattr(env.samplers, "MEMORY_CHUNKS", 1)
         guided, _ = env.generate(pg_args(0.0), cfg_scale=0.0)
-        assert management.loaded == [env.forge_objects.clip.patcher], "the text encoder is loaded before its weights are swapped"
+        assert management.loaded[0] is env.forge_objects.clip.patcher, "the text encoder is loaded before its weights are swapped"
         assert module_state_fingerprint(env.tuned_inner) == before
         with torch.no_grad():
             env.tuned_inner.load_state_dict(env.base_inner.state_dict())
@@ -266,7 +292,7 @@ def test_a_wrapper_that_drops_the_tags_stops_the_generation(reforge):
 @pytest.mark.parametrize("args, message", [
     (pg_args(0.3, base="nope"), "unknown base checkpoint 'nope'"),
     (pg_args(0.3, base=""), "choose a base checkpoint"),
-    (pg_args(0.3, strip_loras="mydog"), "'strip_loras' (LoRAs to strip) is not supported on reForge yet"),
+    (pg_args(0.3, strip_loras="mydog"), "'strip_loras' is set but no LoRA is active"),
     (pg_args(1.5), "omega"),
 ])
 def test_bad_input_stops_the_generation(reforge, args, message):
@@ -284,10 +310,73 @@ def test_other_families_are_refused_by_name(reforge):
         reforge.generate(pg_args(0.3))
 
 
-def test_loras_in_the_prompt_are_refused(reforge):
-    reforge.forge_objects.unet.patches = {"diffusion_model.out.2.weight": [(1.0, ("diff", (None,)), 1.0, None, None)]}
-    with pytest.raises(PGError, match="LoRAs in the prompt are not supported by PG on reForge yet"):
-        reforge.generate(pg_args(0.3))
+# -- LoRAs (tests/fork_lora_checks.py) ------------------------------------------------------
+@pytest.fixture
+def reforge_lora(reforge, tmp_path):
+    lora_checks.add_loras(reforge, tmp_path, reforge.networks)
+    return reforge
+
+
+def test_loras_change_the_image(reforge_lora):
+    lora_checks.check_loras_change_the_image(reforge_lora)
+
+
+def test_lora_strip_at_omega_one_is_plain_cfg(reforge_lora):
+    lora_checks.check_omega_one_is_plain_cfg(reforge_lora)
+
+
+def test_lora_strip_weak_branch_is_the_model_without_the_lora(reforge_lora, monkeypatch):
+    lora_checks.check_stripped_weak_branch_is_the_model_without_the_lora(reforge_lora, monkeypatch)
+
+
+def test_lora_strip_weak_weights_are_the_lerp_of_reference_and_live(reforge_lora):
+    lora_checks.check_weak_weights_are_the_lerp_of_reference_and_live(reforge_lora)
+
+
+def test_base_with_loras_is_the_base_model_with_the_same_loras(reforge_lora, monkeypatch):
+    lora_checks.check_base_with_loras_is_the_base_model_with_the_same_loras(reforge_lora, monkeypatch)
+
+
+def test_base_built_right_after_a_lora_generation(reforge_lora):
+    lora_checks.check_base_built_right_after_a_lora_generation(reforge_lora)
+
+
+def test_lora_state_unchanged_after_success_error_and_interrupt(reforge_lora):
+    lora_checks.check_state_unchanged_after_success_error_and_interrupt(reforge_lora)
+
+
+def test_lora_weak_weights_are_kept_while_the_loras_are(reforge_lora, monkeypatch):
+    lora_checks.check_weak_weights_are_kept_while_the_loras_are(reforge_lora, monkeypatch)
+
+
+def test_lora_strip_errors(reforge_lora):
+    lora_checks.check_strip_errors(reforge_lora)
+
+
+def test_lora_patches_another_extension_changed_are_refused(reforge_lora):
+    """reForge's patch lists carry no LoRA identity: PG finds a LoRA's entries by position, and
+    stops when the lists hold more than the prompt's LoRAs account for."""
+    env = reforge_lora
+    state = lora_checks.install_extra_patch(env)
+    with pytest.raises(PGError, match="do not match the prompt's LoRAs"):
+        env.generate(lora_checks.strip(0.3, ["dog"]), prompt=lora_checks.DOG_STYLE)
+    assert env.patch_state() == state
+
+
+def test_loras_on_a_low_vram_unet_are_refused(reforge_lora, monkeypatch):
+    """In low VRAM reForge applies a layer's LoRA in its forward (weight_function): on a weak weight
+    it would be applied again."""
+    env = reforge_lora
+    management = importlib.import_module("ldm_patched.modules.model_management")
+    monkeypatch.setattr(management, "LOWVRAM", True)
+    env.generate(prompt=lora_checks.DOG)
+    before = (env.patch_state(), module_state_fingerprint(env.tuned_inner))
+    with pytest.raises(PGError, match="low-VRAM mode"):
+        env.generate(lora_checks.strip(0.3), prompt=lora_checks.DOG)
+    assert (env.patch_state(), module_state_fingerprint(env.tuned_inner)) == before
+    assert not env.pg_callbacks()
+    plain = env.generate(pg_args(0.3), prompt=lora_checks.PLAIN)  # without LoRAs the low-VRAM UNet is fine
+    assert "PG skipped" not in plain[0].infotexts[0]
 
 
 def test_model_comes_back_exactly_on_error_and_interrupt(reforge):

@@ -11,8 +11,11 @@
 
 import torch
 
-from backend.sampling.sampling_function import sampling_function_inner
-from modules import prompt_parser, sd_samplers_cfg_denoiser, sd_samplers_common, shared
+from backend import memory_management
+from backend.patcher.clip import CLIP
+from backend.patcher.unet import UnetPatcher
+from backend.sampling.sampling_function import sampling_function_inner, sampling_prepare
+from modules import processing, prompt_parser, sd_samplers_cfg_denoiser, sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 
 
@@ -33,24 +36,13 @@ class KModel(torch.nn.Module):
         return x - eps * sigma[:, None, None, None]
 
 
-class ModelPatcher:
-    # backend/patcher/base.py ModelPatcher (the fields PG reads)
-    def __init__(self, model):
-        self.model = model
-        self.lora_patches = {}
-        self.model_options = {"transformer_options": {}}
-
-
-class CLIP:
-    # backend/patcher/clip.py CLIP
-    def __init__(self, clip_l):
-        self.cond_stage_model = torch.nn.ModuleDict({"clip_l": clip_l})
-        self.patcher = ModelPatcher(self.cond_stage_model)
-
-
 class ForgeObjects:
+    # backend/diffusion_engine/base.py ForgeObjects
     def __init__(self, unet, clip):
         self.unet, self.clip, self.vae, self.clipvision = unet, clip, None, None
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip)
 
 
 def forge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
@@ -99,8 +91,9 @@ class _ForgeUNetForward:
         return super().forward(x, timesteps, context=context, y=y)
 
 
-def install(sd_model, monkeypatch, engine_name="StableDiffusion"):
-    """Make the fake webui's loaded `sd_model` look like Forge's engine, for one test."""
+def install(sd_model, monkeypatch, engine_name="StableDiffusion", networks=None):
+    """Make the fake webui's loaded `sd_model` look like Forge's engine, for one test; with
+    `networks` (the fake sd_forge_lora networks module) the prompt's <lora:...> are activated."""
     unet = sd_model.model.diffusion_model
     monkeypatch.setattr(unet, "__class__", type("IntegratedUNet2DConditionModel", (_ForgeUNetForward, type(unet)), {}))
     embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
@@ -109,8 +102,45 @@ def install(sd_model, monkeypatch, engine_name="StableDiffusion"):
     clip_l.transformer = sd_model.cond_stage_model.transformer
     clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
     wrap = sd_samplers_common.CompVisDenoiserLike(sd_model)
-    forge_objects = ForgeObjects(ModelPatcher(KModel(unet, wrap.sigma_to_t)), CLIP(clip_l))
-    sd_model.__dict__["forge_objects"] = forge_objects
+    forge_objects = ForgeObjects(UnetPatcher(KModel(unet, wrap.sigma_to_t)), CLIP({"clip_l": clip_l}))
+    d = sd_model.__dict__
+    d["forge_objects"] = forge_objects
+    d["forge_objects_original"] = forge_objects.shallow_copy()
+    d["forge_objects_after_applying_lora"] = forge_objects.shallow_copy()
+    d["current_lora_hash"] = str([])
+    encode = sd_model.get_learned_conditioning
+
+    def get_learned_conditioning(prompts):
+        # backend/diffusion_engine/sd15.py StableDiffusion.get_learned_conditioning: the text encoder is
+        # loaded first (its LoRA patches merged: memory_management.LoadedModel.model_load)
+        memory_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
+        return encode(prompts)
+
+    d["get_learned_conditioning"] = get_learned_conditioning
     monkeypatch.setattr(sd_model, "__class__", type(engine_name, (type(sd_model),), {}))
     monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", forge_forward)
+    sample_with_sigmas = sd_samplers_common.FakeEulerSampler.sample_with_sigmas
+
+    def prepare_then_sample(self, p, x, *args, **kwargs):
+        # modules/sd_samplers_kdiffusion.py KDiffusionSampler.sample/sample_img2img (Forge :138, :198):
+        # sampling_prepare(unet, x) loads the UNet (merging its LoRA patches) before sampling
+        sampling_prepare(shared.sd_model.forge_objects.unet, x)
+        return sample_with_sigmas(self, p, x, *args, **kwargs)
+
+    monkeypatch.setattr(sd_samplers_common.FakeEulerSampler, "sample_with_sigmas", prepare_then_sample)
+    if networks is not None:
+        setup_conds = processing.StableDiffusionProcessing.setup_conds
+
+        def activate_then_setup_conds(self):
+            # modules/processing.py process_images_inner (Forge :937-962): forge_objects from the
+            # original, the prompt's extra networks activated (sd_forge_lora load_networks), the LoRA
+            # copy taken, then setup_conds
+            self.sd_model.forge_objects = self.sd_model.forge_objects_original.shallow_copy()
+            args = (self.extra_network_data or {}).get("lora", [])
+            multipliers = [float(a[1]) if len(a) > 1 else 1.0 for a in args]
+            networks.load_networks([a[0] for a in args], multipliers, multipliers)
+            self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+            return setup_conds(self)
+
+        monkeypatch.setattr(processing.StableDiffusionProcessing, "setup_conds", activate_then_setup_conds)
     return forge_objects

@@ -12,42 +12,22 @@
 
 import torch
 
-from ldm_patched.modules import model_base, supported_models
+from ldm_patched.modules import model_base, model_management, supported_models
 from ldm_patched.modules.samplers import sampling_function
-from modules import prompt_parser, sd_samplers_cfg_denoiser, sd_samplers_common, shared
+from ldm_patched.modules.sd import CLIP
+from modules import processing, prompt_parser, sd_samplers_cfg_denoiser, sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 from modules_forge import forge_sampler
-
-
-class UnetPatcher:
-    # modules_forge/unet_patcher.py UnetPatcher (the fields PG reads)
-    def __init__(self, model):
-        self.model = model
-        self.patches = {}
-        self.model_options = {"transformer_options": {}}
-        self.compiled = False
-        self.controlnet_linked_list = None
-        self.extra_concat_condition = None
-
-
-class ModelPatcher:
-    # ldm_patched/modules/model_patcher.py ModelPatcher (patches: key -> list of LoRA patches)
-    def __init__(self, model):
-        self.model = model
-        self.patches = {}
-
-
-class CLIP:
-    # ldm_patched/modules/sd.py CLIP
-    def __init__(self, cond_stage_model):
-        self.cond_stage_model = cond_stage_model
-        self.patcher = ModelPatcher(cond_stage_model)
+from modules_forge.unet_patcher import UnetPatcher
 
 
 class ForgeObjects:
     # modules_forge/forge_loader.py ForgeSD
     def __init__(self, unet, clip):
         self.unet, self.clip, self.vae, self.clipvision = unet, clip, None, None
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip)
 
 
 def reforge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
@@ -91,13 +71,51 @@ class _ReForgeUNetForward:
         return super().forward(x, timesteps, context=context, y=y)
 
 
-def install(sd_model, monkeypatch, family=supported_models.SD15):
-    """Make the fake webui's loaded `sd_model` (a FakeSdModel) look like reForge's, for one test."""
+def install(sd_model, monkeypatch, family=supported_models.SD15, networks=None):
+    """Make the fake webui's loaded `sd_model` (a FakeSdModel) look like reForge's, for one test;
+    with `networks` (the fake Lora networks module) the prompt's <lora:...> are activated."""
     unet = sd_model.model.diffusion_model
     monkeypatch.setattr(unet, "__class__", type("ReForgeUNetModel", (_ReForgeUNetForward, type(unet)), {}))
     wrap = sd_samplers_common.CompVisDenoiserLike(sd_model)
     base_model = model_base.BaseModel(unet, family(), wrap.sigma_to_t)
-    forge_objects = ForgeObjects(UnetPatcher(base_model), CLIP(sd_model.cond_stage_model))
-    sd_model.__dict__["forge_objects"] = forge_objects
+    clip_l = torch.nn.Module()  # ldm_patched/modules/sd1_clip.py SD1ClipModel.clip_l: the text model as `.transformer`
+    clip_l.transformer = sd_model.cond_stage_model.transformer
+    forge_objects = ForgeObjects(UnetPatcher(base_model), CLIP(torch.nn.ModuleDict({"clip_l": clip_l})))
+    d = sd_model.__dict__
+    d["forge_objects"] = forge_objects
+    d["forge_objects_original"] = forge_objects.shallow_copy()
+    d["forge_objects_after_applying_lora"] = forge_objects.shallow_copy()
+    d["current_lora_hash"] = str([])
+    encode = sd_model.get_learned_conditioning
+
+    def get_learned_conditioning(prompts):
+        # modules_forge/forge_clip.py move_clip_to_gpu before encoding: the text encoder's patcher is
+        # loaded (its LoRA patches merged)
+        model_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
+        return encode(prompts)
+
+    d["get_learned_conditioning"] = get_learned_conditioning
     monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", reforge_forward)
+    sample_with_sigmas = sd_samplers_common.FakeEulerSampler.sample_with_sigmas
+
+    def prepare_then_sample(self, p, x, *args, **kwargs):
+        # modules/sd_samplers_kdiffusion.py KDiffusionSampler.sample/sample_img2img (reForge :196, :261)
+        forge_sampler.sampling_prepare(shared.sd_model.forge_objects.unet, x)
+        return sample_with_sigmas(self, p, x, *args, **kwargs)
+
+    monkeypatch.setattr(sd_samplers_common.FakeEulerSampler, "sample_with_sigmas", prepare_then_sample)
+    if networks is not None:
+        setup_conds = processing.StableDiffusionProcessing.setup_conds
+
+        def activate_then_setup_conds(self):
+            # modules/processing.py process_images_inner (reForge :1021-1045): forge_objects from the
+            # original, the prompt's LoRAs activated (Lora networks.load_networks), the LoRA copy taken
+            self.sd_model.forge_objects = self.sd_model.forge_objects_original.shallow_copy()
+            args = (self.extra_network_data or {}).get("lora", [])
+            multipliers = [float(a[1]) if len(a) > 1 else 1.0 for a in args]
+            networks.load_networks([a[0] for a in args], multipliers, multipliers)
+            self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+            return setup_conds(self)
+
+        monkeypatch.setattr(processing.StableDiffusionProcessing, "setup_conds", activate_then_setup_conds)
     return forge_objects

@@ -7,7 +7,12 @@ too) and webui's checkpoint list, and both sample through a backend whose
 calc_cond(_uncond)_batch tags each chunk of a UNet call in
 `transformer_options["cond_or_uncond"]` (lib_pg.forks routes by those tags).
 What differs is where the UNet and text encoder live, how a base checkpoint
-is read and which model families exist: each fork's controller says that.
+is read, how LoRAs are patched and which model families exist: each fork's
+controller says that.
+
+LoRAs (a prompt's, stripped or kept next to a base checkpoint) are read from
+the fork's own patch lists and merged with the fork's own function
+(lib_pg.hosts.common.fork_loras); PG never edits those lists.
 """
 
 import os
@@ -17,10 +22,12 @@ import torch
 
 from lib_pg.errors import PGError
 from lib_pg.forks import TaggedGuidanceRun, place_like_live
-from lib_pg.guidance import UnroutedStep, live_version
+from lib_pg.guidance import UnroutedStep
 from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
+from lib_pg.hosts.common.fork_loras import originals_fingerprint, reference_weights, strips_anything, without_loras_state
 from lib_pg.hosts.common.frontend import KEY_SKIPPED, check_memory_budget, log, skipped_note
+from lib_pg.hosts.common.networks import network_file, stripped_networks
 from lib_pg.interop import carry_marks
 from lib_pg.weights import build_weak_model, live_parameters
 
@@ -58,9 +65,19 @@ class ForkController(Controller):
         """Raise PGError for a model PG does not support on this fork."""
         raise NotImplementedError
 
-    def has_lora_patches(self, model):
-        """Whether the fork's patcher holds LoRA patches for the UNet or text encoder."""
+    def lora_patchers(self, model, stripped_files):
+        """[PatcherLoras] of the UNet's and the text encoder's LoRA patches: the fork's entries,
+        those the reference keeps (the LoRAs read from `stripped_files` left out), the originals
+        and the fork's merge (lib_pg.hosts.common.fork_loras)."""
         raise NotImplementedError
+
+    def lora_signature(self, model):
+        """What identifies the fork's LoRA patches now (for the weak-weight cache)."""
+        raise NotImplementedError
+
+    def check_routed_modules(self, layers):
+        """At the first routed UNet call (the fork has loaded the UNet): raise PGError for a
+        layer whose weights PG cannot swap as the fork has loaded it."""
 
     def ldm_view(self, model):
         """An nn.Module with ldm's layout (`model.diffusion_model`, `cond_stage_model`) over the fork's model."""
@@ -87,10 +104,8 @@ class ForkController(Controller):
     # -- the request ------------------------------------------------------
     def _check_request(self, p, settings):
         if not settings.base and not settings.strip_loras:
-            raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from)")
-        if settings.strip_loras:
-            raise PGError(f"'strip_loras' (LoRAs to strip) is not supported on {self.HOST} yet; "
-                          "use a base checkpoint, or AUTOMATIC1111's webui for LoRA stripping")
+            raise PGError("choose a base checkpoint ('base', the checkpoint your personalized model was trained from) "
+                          "or LoRAs to strip ('strip_loras')")
         if settings.weights == "lean":
             raise PGError(f"lean weak weights ('weights': 'lean') are not supported on {self.HOST} yet; "
                           "use 'auto' or 'exact'")
@@ -109,7 +124,15 @@ class ForkController(Controller):
             raise
         unet = self.ldm_view(model).model.diffusion_model
         texts = ForkWeakConditioning(p, settings, weak, model, self.load_text_encoder)
+        loras = getattr(model, "current_lora_hash", None)  # the prompt's LoRAs the weak weights were built with
         with TaggedGuidanceRun(unet, weak, settings, skip_reason=self.skip_reason) as run:
+            place = run.router.on_first_routed_call
+
+            def first_routed_call():
+                self.check_routed_modules(weak.unet)
+                place()
+
+            run.router.on_first_routed_call = first_routed_call
             if texts.needed and settings.schedule == "constant" and settings.omega < 1.0:
                 # Before sampling: encoding loads the text encoder, which may move the UNet.
                 texts.at(settings.omega, 0)
@@ -118,7 +141,9 @@ class ForkController(Controller):
                 if params.denoiser is None or params.denoiser.p is not p:
                     return
                 try:
-                    ours = shared.sd_model is model and getattr(shared.sd_model, "sd_checkpoint_info", None) is checkpoint
+                    # (a hires pass with other LoRAs runs on another model than the weak weights were built for)
+                    ours = (shared.sd_model is model and getattr(shared.sd_model, "sd_checkpoint_info", None) is checkpoint
+                            and getattr(model, "current_lora_hash", None) == loras)
                     omega = run.begin_step(params.denoiser.step, params.denoiser.total_steps, params.x.shape[0], ours)
                     if omega < 1.0 and texts.needed and params.text_uncond is not None:  # None: no negative prompt at CFG 1 (Forge)
                         params.text_uncond = carry_marks(params.text_uncond, texts.at(omega, params.denoiser.step))
@@ -143,43 +168,59 @@ class ForkController(Controller):
 
     # -- the weak weights -------------------------------------------------
     def _weak_model(self, model, settings, base_info):
-        if self.has_lora_patches(model):
-            raise PGError(f"LoRAs in the prompt are not supported by PG on {self.HOST} yet (it merges them only when "
-                          "sampling starts); remove them, or use AUTOMATIC1111's webui")
+        stripped = stripped_networks(settings)
+        files = frozenset(network_file(net) for net in stripped)
         view = self.ldm_view(model)
+        patchers = self.lora_patchers(model, files)
+        if stripped and not strips_anything(patchers):
+            names = ", ".join(net.name for net in stripped)
+            raise PGError(f"{self.HOST} applied no weight of LoRA {names} ('strip_loras') to this model: nothing to strip")
         unet_param = next(view.model.diffusion_model.parameters())
-        stat = os.stat(base_info.filename)
-        key = (id(model), *self.cache_identity(model), live_version(view), (base_info.filename, stat.st_size, stat.st_mtime),
-               settings.omega_key, str(unet_param.dtype))
+        base_key = None
+        if base_info is not None:
+            stat = os.stat(base_info.filename)
+            base_key = (base_info.filename, stat.st_size, stat.st_mtime)
+        key = (id(model), *self.cache_identity(model), originals_fingerprint(view, patchers), base_key, settings.omega_key,
+               str(unet_param.dtype), self.lora_signature(model), tuple(sorted(files)))
         weak = self.cache.get(key)
         if weak is None:
             self.cache.clear()  # free the old weak weights before building new ones
-            weak = self._build(model, view, settings, base_info)
+            weak = self._build(model, view, settings, base_info, patchers, stripped)
             self.cache.put(key, weak)
         try:
             check_memory_budget(weak)  # on every generation: a kept weak model too
         except PGError:
             self.cache.clear()
             raise
-        self.weights_note = weak.description
+        self.weights_note = weak.description if base_info is not None else None
         return weak
 
-    def _build(self, model, view, settings, base_info):
+    def _build(self, model, view, settings, base_info, patchers, stripped):
+        """The weak weights from the reference: the base checkpoint (with the prompt's kept
+        LoRAs merged by the fork's function), or the live model without the stripped LoRAs;
+        against the weights the fork will sample with (its merge of every LoRA)."""
         started = time.perf_counter()
         base_state = None
         try:
-            base_state = self.read_base(base_info.filename)
-            is_host_parameter = self.host_parameters(model)
-            for live_key, (_module, _name, param) in live_parameters(view).items():
-                if live_key not in base_state:
-                    if is_host_parameter(live_key):
-                        base_state[live_key] = param.detach()
-                elif base_state[live_key].dtype == param.dtype:
-                    # A tensor read from the file may sit at any offset of its buffer; BLAS kernels
-                    # can round differently on unaligned memory, so ω = 0 would not be the base
-                    # model bit for bit. A copy is freshly (aligned) allocated, like the live weights.
-                    base_state[live_key] = base_state[live_key].clone()
-            weak = build_weak_model(view, base_state, settings.omega_key, base_name=base_info.title)
+            if base_info is not None:
+                base_state = self.read_base(base_info.filename)
+                is_host_parameter = self.host_parameters(model)
+                for live_key, (_module, _name, param) in live_parameters(view).items():
+                    if live_key not in base_state:
+                        if is_host_parameter(live_key):
+                            base_state[live_key] = param.detach()
+                    elif base_state[live_key].dtype == param.dtype:
+                        # A tensor read from the file may sit at any offset of its buffer; BLAS kernels
+                        # can round differently on unaligned memory, so ω = 0 would not be the base
+                        # model bit for bit. A copy is freshly (aligned) allocated, like the live weights.
+                        base_state[live_key] = base_state[live_key].clone()
+            live_state, ref_state = reference_weights(view, patchers, base_state)
+            if base_state is None:
+                base_state = without_loras_state(view, live_state, ref_state)
+            else:
+                base_state.update(ref_state)
+            weak = build_weak_model(view, base_state, settings.omega_key,
+                                    base_name=base_info.title if base_info is not None else "", live_state=live_state)
         except torch.cuda.OutOfMemoryError as error:
             raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
         except MemoryError:
@@ -188,7 +229,12 @@ class ForkController(Controller):
             base_state = None
         self.adjust_weak(weak)
         weak.description = "exact"
-        log(f"built weak model from {base_info.title} in {time.perf_counter() - started:.2f} s: "
+        source = base_info.title if base_info is not None else "the active model"
+        if any(patcher.reference for patcher in patchers):
+            source += " with the prompt's other LoRAs" if stripped else " with the prompt's LoRAs"
+        if stripped:
+            source += f" (LoRA {', '.join(net.name for net in stripped)} stripped)"
+        log(f"built weak model from {source} in {time.perf_counter() - started:.2f} s: "
             f"{len(weak.unet)} UNet and {len(weak.text)} text-encoder layers differ, "
             f"extra memory {weak.extra_bytes / 2**20:.1f} MiB")
         return weak

@@ -11,7 +11,9 @@ sd_models.read_state_dict is a stub). Sampling is tagged as on reForge
 (backend/sampling/sampling_function.py calc_cond_uncond_batch,
 `transformer_options["cond_or_uncond"]`).
 
-Supported here: SD 1.x with a base checkpoint, as on reForge.
+Supported here: SD 1.x, with a base checkpoint and/or LoRAs to strip, as on
+reForge. LoRAs come from Forge's own patch lists (`lora_patches`, one entry
+per LoRA file) and are merged with its merge_lora_to_weight.
 """
 
 import os
@@ -19,6 +21,7 @@ import os
 import torch
 
 from lib_pg.errors import PGError
+from lib_pg.hosts.common.fork_loras import PatcherLoras
 from lib_pg.hosts.common.forks import ForkController
 from lib_pg.weights import read_checkpoint
 
@@ -58,9 +61,42 @@ class ForgeController(ForkController):
         if str(storage) in QUANTIZED_STORAGE:
             raise PGError(f"a quantized UNet ({storage}) is not supported by PG on {self.HOST}")
 
-    def has_lora_patches(self, engine):
-        return bool(getattr(engine.forge_objects.unet, "lora_patches", None)
-                    or getattr(engine.forge_objects.clip.patcher, "lora_patches", None))
+    def lora_patchers(self, engine, stripped_files):
+        """Forge's `lora_patches` name each LoRA by its file (backend/patcher/base.py add_patches):
+        the reference keeps every LoRA whose file is not stripped, in the order
+        LoraLoader.refresh concatenates them (backend/patcher/lora.py); the originals are the
+        loader's backups, else the parameters."""
+        from backend import utils
+        from backend.patcher.lora import merge_lora_to_weight
+
+        def merge(entries, weight, key):
+            return merge_lora_to_weight(entries, weight, key, computation_dtype=torch.float32)
+
+        objects = engine.forge_objects
+        found = []
+        for patcher in (objects.unet, objects.clip.patcher):
+            live, reference = {}, {}
+            for (filename, _strength, _strength_model, online), patches in patcher.lora_patches.items():
+                if online and patches:
+                    raise PGError(f"LoRAs applied online (Forge's online LoRA, for a {objects.unet.model.storage_dtype} UNet) "
+                                  f"are not supported by PG on {self.HOST}")
+                for key, entries in patches.items():
+                    live.setdefault(key, []).extend(entries)
+                    if filename not in stripped_files:
+                        reference.setdefault(key, []).extend(entries)
+            backup = patcher.lora_loader.backup
+
+            def original(key, backup=backup, model=patcher.model):
+                weight = backup.get(key)
+                return weight if weight is not None else utils.get_attr(model, key)
+
+            found.append(PatcherLoras(patcher.model, live, reference, original, merge, frozenset(backup)))
+        return found
+
+    def lora_signature(self, engine):
+        objects = engine.forge_objects
+        return (getattr(engine, "current_lora_hash", None), str(list(objects.unet.lora_patches)),
+                str(list(objects.clip.patcher.lora_patches)))
 
     def ldm_view(self, engine):
         return LdmView(engine)

@@ -11,14 +11,20 @@ ldm_patched/modules/samplers.py sampling_function, whose calc_cond_batch tags
 each chunk of a UNet call in transformer_options["cond_or_uncond"]
 (lib_pg.hosts.common.forks and lib_pg.forks).
 
-Supported here: SD 1.x models with a base checkpoint. Refused by name: other
-families (their text encoders are converted at load, so ldm keys no longer
-match them), LoRAs to strip and LoRAs in the prompt (reForge merges them into
-the weights when it loads the model for sampling, after PG would have built the
-weak weights), a compiled UNet.
+Supported here: SD 1.x models, with a base checkpoint and/or LoRAs to strip.
+LoRAs come from reForge's own patch lists (found per LoRA by position) and are
+merged with its calculate_weight. Refused by name: other families (their text
+encoders are converted at load, so ldm keys no longer match them), a compiled
+UNet, LoRAs on a UNet loaded in low-VRAM mode.
 """
 
+import ast
+import sys
+
+import torch
+
 from lib_pg.errors import PGError
+from lib_pg.hosts.common.fork_loras import PatcherLoras
 from lib_pg.hosts.common.forks import ForkController
 
 from modules import sd_models  # noqa: E402
@@ -37,6 +43,19 @@ def backend_family(model):
     return type(config).__name__ if config is not None else None
 
 
+def lora_targets(model):
+    """[(file, UNet strength, text-encoder strength)] of the prompt's LoRAs in the order reForge's
+    Lora extension loaded them (extensions-builtin/Lora/networks.py load_networks keeps str() of
+    that list as `current_lora_hash`)."""
+    text = getattr(model, "current_lora_hash", None)
+    if not text:
+        return []
+    try:
+        return [(t[0], t[1], t[2]) for t in ast.literal_eval(text)]
+    except (ValueError, SyntaxError, TypeError, IndexError):
+        raise PGError(f"cannot read reForge's LoRA state (current_lora_hash {text[:80]!r})") from None
+
+
 class ReForgeController(ForkController):
     HOST = "reForge"
 
@@ -50,10 +69,82 @@ class ReForgeController(ForkController):
         if getattr(model.forge_objects.unet, "compiled", False):
             raise PGError(f"a compiled UNet (--torch-compile) is not supported by PG on {self.HOST}")
 
-    def has_lora_patches(self, model):
-        """Whether reForge's LoRA loading left patches for the UNet or the text encoder."""
+    def lora_patchers(self, model, stripped_files):
+        """reForge's `patches` lists carry no LoRA identity (ldm_patched/modules/model_patcher.py
+        add_patches): a key's entries are the original patcher's own, then one per LoRA mapping
+        onto the key, in load order (ldm_patched/modules/sd.py load_lora_for_models, once per
+        LoRA of `current_lora_hash`). Each LoRA's keys come from reForge's own loader functions;
+        a count that does not add up stops the generation rather than guess."""
+        from ldm_patched import float as ldm_float
+        from ldm_patched.modules import lora as ldm_lora
+        from ldm_patched.modules import lora_convert, utils
+        from ldm_patched.modules.model_patcher import string_to_seed
+
+        objects, originals = model.forge_objects, model.forge_objects_original
+        unet, clip = objects.unet, objects.clip.patcher
+        targets = lora_targets(model)
+        networks = sys.modules.get("networks")
+        load_state = getattr(networks, "load_lora_state_dict", None) or (lambda f: utils.load_torch_file(f, safe_load=True))
+        key_map = ldm_lora.model_lora_keys_unet(unet.model, {})
+        key_map = ldm_lora.model_lora_keys_clip(objects.clip.cond_stage_model, key_map)
+        counted = []  # per LoRA: (file, ({UNet key: entries it adds}, {text-encoder key: entries it adds}))
+        for filename, strength_unet, strength_text in targets:
+            loaded = ldm_lora.load_lora(lora_convert.convert_lora(load_state(filename)), key_map, log_missing=False)
+            counts = ({}, {})
+            for index, (patcher, strength) in enumerate(((unet, strength_unet), (clip, strength_text))):
+                if strength == 0:
+                    continue  # load_lora_for_models maps no key of a part at strength 0
+                model_keys = patcher.model.state_dict().keys()
+                for k in loaded:
+                    key = k if isinstance(k, str) else k[0]
+                    if key in model_keys:
+                        counts[index][key] = counts[index].get(key, 0) + 1
+            counted.append((filename, counts))
+
+        def merge(entries, weight, key):
+            # as ModelPatcher.patch_weight_to_device: a float32 copy, calculate_weight, rounded to the dtype
+            merged = ldm_lora.calculate_weight(entries, weight.to(torch.float32, copy=True), key)
+            return ldm_float.stochastic_rounding(merged, weight.dtype, seed=string_to_seed(key))
+
+        found = []
+        for index, (patcher, original_patcher) in enumerate(((unet, originals.unet), (clip, originals.clip.patcher))):
+            live, reference = {}, {}
+            for key in set(patcher.patches) | {k for _file, counts in counted for k in counts[index]}:
+                entries = list(patcher.patches.get(key, ()))
+                position = len(original_patcher.patches.get(key, ()))
+                kept = entries[:position]
+                for filename, counts in counted:
+                    n = counts[index].get(key, 0)
+                    if filename not in stripped_files:
+                        kept += entries[position:position + n]
+                    position += n
+                if position != len(entries):
+                    raise PGError(f"reForge's LoRA patches of {key} ({len(entries)}) do not match the prompt's LoRAs "
+                                  f"({position}): another extension changed them, so PG cannot tell the LoRAs apart")
+                if entries:
+                    live[key], reference[key] = entries, kept
+            backup = patcher.backup
+
+            def original(key, backup=backup, model=patcher.model):
+                saved = backup.get(key)
+                return saved.weight if saved is not None else utils.get_attr(model, key)
+
+            found.append(PatcherLoras(patcher.model, live, reference, original, merge, frozenset(backup)))
+        return found
+
+    def lora_signature(self, model):
         objects = model.forge_objects
-        return bool(getattr(objects.unet, "patches", None) or getattr(getattr(objects.clip, "patcher", None), "patches", None))
+        return (getattr(model, "current_lora_hash", None), objects.unet.patches_uuid, objects.clip.patcher.patches_uuid)
+
+    def check_routed_modules(self, layers):
+        """In low VRAM reForge leaves a layer's LoRA to its `weight_function`, applied in the forward
+        to whatever weight the layer holds (model_patcher.py load, LowVramPatch): it would be applied
+        again on top of the weak weight."""
+        for layer in layers:
+            functions = layer.module.__dict__
+            if functions.get("weight_function") or functions.get("bias_function"):
+                raise PGError(f"{self.HOST} loaded the UNet in low-VRAM mode, applying the LoRAs in each layer's forward: "
+                              "PG does not support LoRAs then; free GPU memory (or use a base checkpoint without LoRAs)")
 
     def read_base(self, path):
         return sd_models.read_state_dict(path, map_location="cpu")

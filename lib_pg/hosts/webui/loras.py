@@ -11,6 +11,7 @@ import sys
 import torch
 
 from lib_pg.errors import PGError
+from lib_pg.hosts.common.networks import lora_networks, network_names, stripped_networks  # noqa: F401 (webui's names too)
 from lib_pg.patching import swapped_attributes
 from lib_pg.weights import UNET_PREFIX, LowRankDelta, live_parameters
 
@@ -43,44 +44,12 @@ NETWORK_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, tor
 ROUTABLE_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
-def lora_networks():
-    """webui's Lora extension module (`networks`), if it is loaded."""
-    networks = sys.modules.get("networks")
-    return networks if networks is not None and hasattr(networks, "loaded_networks") else None
-
-
 def network_signature():
     """The loaded networks and their multipliers: the weak weights depend on them."""
     networks = lora_networks()
     loaded = networks.loaded_networks if networks is not None else []
     return (tuple((net.name, net.te_multiplier, net.unet_multiplier, net.dyn_dim) for net in loaded),
             bool(getattr(shared.opts, "lora_functional", False)))
-
-
-def stripped_networks(settings):
-    """The loaded networks (LoRAs of this batch's prompt) that the weak model strips."""
-    if not settings.strip_loras:
-        return []
-    networks = lora_networks()
-    loaded = list(networks.loaded_networks) if networks is not None else []
-    if not loaded:
-        raise PGError("'strip_loras' is set but no LoRA is active: add one to the prompt as <lora:name:weight> "
-                      "(or check the console: webui could not load it)")
-    if settings.strips_all_loras:
-        return loaded
-    chosen = []
-    for wanted in settings.strip_loras:
-        matches = [net for net in loaded if wanted in network_names(net)]
-        if not matches:
-            names = ", ".join(net.name for net in loaded)
-            raise PGError(f"LoRA {wanted!r} in 'strip_loras' is not active in this prompt (active: {names})")
-        chosen += [net for net in matches if net not in chosen]
-    return chosen
-
-
-def network_names(net):
-    on_disk = getattr(net, "network_on_disk", None)
-    return {net.name, getattr(net, "mentioned_name", None), getattr(on_disk, "alias", None), getattr(on_disk, "name", None)} - {None}
 
 
 def is_low_rank_exact(network_module):

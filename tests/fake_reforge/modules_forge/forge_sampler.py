@@ -24,3 +24,11 @@ def cond_from_a1111_to_patched_ldm_weighted(cond, weights):
         h[0]["strength"] = current_weight
         results += h
     return results
+
+
+def sampling_prepare(unet, x):
+    # modules_forge/forge_sampler.py sampling_prepare (:116-140): loads the UNet's patcher (merging its LoRA patches)
+    from ldm_patched.modules import model_management
+
+    model_management.load_models_gpu(models=[unet] + list(unet.extra_model_patchers_during_sampling),
+                                     memory_required=unet.extra_preserved_memory_during_sampling)

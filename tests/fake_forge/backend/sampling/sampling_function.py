@@ -3,7 +3,8 @@
 Kept from the real code: COND = 0 / UNCOND = 1 tags, every cond entry first then the uncond entry,
 `to_batch_temp.reverse()` (uncond chunk first), each entry a chunk of x_in.shape[0] rows,
 `transformer_options` with cond_or_uncond, cond_indices, uncond_indices, the optional
-model_function_wrapper, and `uncond_ = None` when cond_scale is 1 (no unconditional pass).
+model_function_wrapper, and `uncond_ = None` when cond_scale is 1 (no unconditional pass);
+sampling_prepare (:366-399) loading the UNet's patcher (which merges its LoRA patches).
 """
 
 import math
@@ -63,6 +64,13 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
                 out_uncond += output[o] * mult[o]
                 out_uncond_count += mult[o]
     return out_cond / out_count, out_uncond / out_uncond_count
+
+
+def sampling_prepare(unet, x):
+    from backend import memory_management
+
+    memory_management.load_models_gpu(models=[unet] + list(unet.extra_model_patchers_during_sampling),
+                                      memory_required=0, hard_memory_preservation=unet.extra_preserved_memory_during_sampling)
 
 
 def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
