@@ -232,7 +232,7 @@ def test_cfg_scale_one_has_no_unconditional_pass_and_says_so(fork):
 
 @pytest.mark.parametrize("extra, fragments", [
     (pg(omega=0.3, base="no-such-model"), ["unknown base checkpoint 'no-such-model'"]),
-    (pg(omega=0.3, base="", strip_loras="mydog"), ["'strip_loras' (LoRAs to strip) is not supported on"]),
+    (pg(omega=0.3, base="", strip_loras="mydog"), ["'strip_loras' is set but no LoRA is active"]),
     (pg(omega=1.5), ["omega"]),
     ({**pg(omega=0.3), "prompt": "a photo of sks dog <lora:nope:1>"}, []),  # an unknown LoRA: the fork ignores it, PG runs
 ])
@@ -283,3 +283,114 @@ def test_omega_zero_is_the_base_model_at_cfg_zero(fork):
     print(f"\n[pg-e2e-{FORK.name}] ω=0 vs base at cfg 0: uncond alone {max_difference(guided_own.pixels, base_own.pixels)}, "
           f"batched {max_difference(guided_batched.pixels, base_batched.pixels)} (active vs base: "
           f"{max_difference(active_own.pixels, base_own.pixels)})")
+
+
+# ---- LoRAs on the fork ------------------------------------------------------------------------
+LORA = "pg-e2e-dog"
+LORA_GENERATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_sd15_lora.py")
+LORA_PROMPT = REQUEST["prompt"] + f" <lora:{LORA}:1>"
+OWN_CALL = {"cfg_scale": 0, "negative_prompt": LONG_NEGATIVE}  # the unconditional chunk in a UNet call of its own
+TO_BASE = {"override_settings": {"sd_model_checkpoint": BASE}, "override_settings_restore_afterwards": True}
+
+
+def strip(omega, loras=True, **more):
+    return pg(omega=omega, base="", strip_loras=loras, **more)
+
+
+@pytest.fixture(scope="module")
+def lora(fork):
+    """A random kohya LoRA of SD 1.5 shapes (tests/e2e/make_sd15_lora.py) in the fork's models/Lora,
+    written with the fork's python; removed after the module."""
+    folder = os.path.join(FORK.path, "models", "Lora")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LORA + ".safetensors")
+    checkpoint = os.path.join(FORK.path, "models", "Stable-diffusion", ACTIVE + ".safetensors")
+    out = subprocess.run([FORK.python, LORA_GENERATOR, checkpoint, path, "--seed", "3"], cwd=FORK.path,
+                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:]
+    try:
+        status, _ = h.request(fork.url, "POST", "/sdapi/v1/refresh-loras", {})
+        assert status == 200
+        status, loras = h.request(fork.url, "GET", "/sdapi/v1/loras")
+        assert status == 200 and LORA in {entry["name"] for entry in loras}, loras
+        yield path
+    finally:
+        os.remove(path)
+
+
+@pytest.fixture(scope="module")
+def lora_off(fork, lora):
+    return timed("LoRA, disabled", generate(fork, {"prompt": LORA_PROMPT}))
+
+
+def test_the_lora_changes_the_image(fork, disabled, lora_off):
+    assert "Lora hashes" in lora_off.infotext, lora_off.infotext
+    assert max_difference(lora_off.pixels, disabled.pixels) > 10, "the LoRA does not change the image: the LoRA tests would prove nothing"
+
+
+def test_lora_strip_at_omega_one_is_plain_cfg(fork, lora_off):
+    same = timed("LoRA strip ω=1", generate(fork, {"prompt": LORA_PROMPT, **strip(1.0)}))
+    assert same.pixels == lora_off.pixels
+    with_base = generate(fork, {"prompt": LORA_PROMPT, **pg(omega=1.0)})
+    assert with_base.pixels == lora_off.pixels
+
+
+def test_lora_strip_omega_03_changes_the_image(fork, lora_off):
+    guided = timed("LoRA strip ω=0.3 (weak weights built)", generate(fork, {"prompt": LORA_PROMPT, **strip(0.3)}))
+    assert max_difference(guided.pixels, lora_off.pixels) > 10
+    assert "PG strip LoRAs: *" in guided.infotext and "PG base" not in guided.infotext and "PG skipped" not in guided.infotext, \
+        guided.infotext
+    by_name = timed("LoRA strip ω=0.3 (cached)", generate(fork, {"prompt": LORA_PROMPT, **strip(0.3, [LORA])}))
+    assert by_name.pixels == guided.pixels and f"PG strip LoRAs: {LORA}" in by_name.infotext
+
+
+def test_lora_strip_weak_branch_is_the_model_without_the_lora(fork, lora):
+    """ω = 0 at CFG Scale 0: the image is the weak branch alone, the fork's image of the prompt
+    without the LoRA: bit for bit when the unconditional chunk runs alone (a long negative
+    prompt); batched with the conditional chunk, within the kernels' batch-size rounding."""
+    guided = timed("LoRA strip ω=0 cfg 0", generate(fork, {**OWN_CALL, "prompt": LORA_PROMPT, **strip(0.0)}))
+    without = generate(fork, OWN_CALL)
+    with_lora = generate(fork, {**OWN_CALL, "prompt": LORA_PROMPT})
+    assert guided.pixels == without.pixels
+    assert max_difference(with_lora.pixels, without.pixels) > 10
+    batched = generate(fork, {"cfg_scale": 0, "prompt": LORA_PROMPT, **strip(0.0)})
+    batched_without = generate(fork, {"cfg_scale": 0})
+    assert max_difference(batched.pixels, batched_without.pixels) <= 2
+    print(f"\n[pg-e2e-{FORK.name}] LoRA stripped, ω=0 vs the model without it at cfg 0: uncond alone "
+          f"{max_difference(guided.pixels, without.pixels)}, batched {max_difference(batched.pixels, batched_without.pixels)} "
+          f"(with vs without the LoRA: {max_difference(with_lora.pixels, without.pixels)})")
+
+
+def test_base_with_a_lora_is_the_base_model_with_the_lora(fork, lora):
+    """A base checkpoint and a LoRA in the prompt: the weak branch at ω = 0 is the base checkpoint
+    with the same LoRA, as the fork loads it."""
+    guided = timed("base + LoRA ω=0 cfg 0", generate(fork, {**OWN_CALL, "prompt": LORA_PROMPT, **pg(omega=0.0)}))
+    base = timed("base checkpoint + LoRA cfg 0 (switch)", generate(fork, {**OWN_CALL, "prompt": LORA_PROMPT, **TO_BASE}))
+    assert f"Model: {BASE}," in base.infotext
+    assert guided.pixels == base.pixels
+    print(f"\n[pg-e2e-{FORK.name}] base + LoRA, ω=0 vs the base checkpoint with the LoRA at cfg 0: "
+          f"{max_difference(guided.pixels, base.pixels)}")
+
+
+def test_lora_strip_errors(fork, lora):
+    expect_error(fork, {"prompt": LORA_PROMPT, **strip(0.3, ["nope"])}, "not active in this prompt", "nope")
+    expect_error(fork, strip(0.3), "no LoRA is active")
+
+
+def test_lora_state_unchanged_after_success_error_and_interrupt(fork, disabled, lora_off):
+    """After the LoRA requests (PG stripping it, a base checkpoint with it, errors) and an
+    interrupted one: the fork's LoRA image and its plain image are as before."""
+    done = {}
+
+    def run():
+        done["result"] = call(fork, {"prompt": LORA_PROMPT, **strip(0.3), "steps": 12})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(12)
+    h.request(fork.url, "POST", "/sdapi/v1/interrupt", {})
+    thread.join(900)
+    assert done["result"][0] == 200
+    assert generate(fork, {"prompt": LORA_PROMPT}).pixels == lora_off.pixels
+    assert timed("disabled after the LoRA tests", generate(fork)).pixels == disabled.pixels

@@ -93,6 +93,8 @@ def reference_weights(view: torch.nn.Module, patchers, base_state=None):
                 continue
             if base_state is None:
                 start = original
+            elif key not in base_state or tuple(base_state[key].shape) != tuple(param.shape):
+                continue  # a base of another architecture: build_weak_model names the mismatch
             else:
                 start = base_state[key]
                 if start.dtype != param.dtype or start.device != original.device:
