@@ -115,15 +115,20 @@ def without_loras_state(view: torch.nn.Module, live_state, ref_state):
 
 
 def originals_fingerprint(view: torch.nn.Module, patchers) -> int:
-    """Identity of the weights under the LoRAs (the host's originals, else the parameters), by
-    their storage: what the weak weights depend on besides the patches, and stable while the host
-    merges and unmerges (a merge replaces the parameter and keeps the original as its backup)."""
+    """Identity of the weights under the LoRAs (the host's originals, else the parameters): their
+    storage and in-place version. What the weak weights depend on besides the patches, and stable
+    while the host merges and unmerges (a merge replaces the parameter and keeps the original, the
+    same tensor, as its backup)."""
     keys = patch_keys(view, patchers)
     parts = []
     for key, (_module, _name, param) in live_parameters(view).items():
         patcher, pkey = keys.get(key, (None, None))
         tensor = patcher.original(pkey) if patcher is not None and pkey in patcher.backed_up else param
-        parts.append((key, tensor.data_ptr(), tuple(tensor.shape), str(tensor.dtype)))
+        try:
+            version = tensor._version  # bumped by an in-place change
+        except RuntimeError:  # inference tensors carry no version counter
+            version = None
+        parts.append((key, tensor.data_ptr(), tuple(tensor.shape), str(tensor.dtype), version))
     return hash(tuple(parts))
 
 
