@@ -176,6 +176,7 @@ class TaggedGuidanceRun(GuidanceRun):
     def begin_step(self, step, total_steps, batch, model_is_ours=True):
         """Plan the step; returns the ω in effect (1.0: left to the host)."""
         self._close_step()
+        self.steps_begun += 1
         omega = self.omega_for(step, total_steps) if model_is_ours else 1.0
         if not model_is_ours:
             self.report.steps_other_model += 1

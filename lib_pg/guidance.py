@@ -68,13 +68,25 @@ class UnroutedStep(PGError):
                          "could recognise them; another extension evaluates them its own way")
 
 
+class NoStepSeen(PGError):
+    """The UNet ran, but the host never announced a step of this generation
+    (its step callback moved or stopped firing): nothing was guided."""
+
+    def __init__(self, unet_calls: int):
+        self.unet_calls = unet_calls
+        super().__init__(f"the sampler ran {unet_calls} UNet calls but never announced a step to PG (the host's "
+                         "on_cfg_denoiser callback did not come), so none was guided: this host version moved the hook "
+                         "PG needs. PG stops the generation rather than return an unguided image")
+
+
 class GuidanceRun:
     """Routing installed on a live UNet for one sampling call.
 
     Use as a context manager: entering installs the per-module routing and
     the UNet hooks, leaving removes every trace, however the call ends. A
     step whose unconditional rows were not all routed raises UnroutedStep
-    (at the next step's start, or on leaving): never a silent step without PG.
+    (at the next step's start, or on leaving), and UNet calls without any step
+    announced raise NoStepSeen on leaving: never a silent step without PG.
     """
 
     def __init__(self, unet, weak, settings: PGSettings):
@@ -85,6 +97,7 @@ class GuidanceRun:
         self.report = RunReport()
         self._patch = LivePatch()
         self._pending = None  # (step, skip reason) of a guided step still to be checked
+        self.steps_begun = 0
 
     def __enter__(self):
         try:
@@ -98,6 +111,8 @@ class GuidanceRun:
         try:
             if exc_type is None:
                 self._close_step()
+                if self.router.unet_calls and not self.steps_begun:
+                    raise NoStepSeen(self.router.unet_calls)
         finally:
             self._pending = None
             self.report.unrecognised_calls = self.router.unrecognised_calls
@@ -116,6 +131,7 @@ class GuidanceRun:
         StepRouter.begin_step); `uncond_skipped` names the host's reason when
         it evaluates no unconditional rows in this step."""
         self._close_step()
+        self.steps_begun += 1
         omega = self.omega_for(step, total_steps) if model_is_ours else 1.0
         if not model_is_ours:
             self.report.steps_other_model += 1

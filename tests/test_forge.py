@@ -358,3 +358,11 @@ def test_model_comes_back_exactly_on_error_and_interrupt(forge):
     shared.state.interrupted = False
     assert module_state_fingerprint(env.tuned_inner) == before
     assert not env.pg_callbacks()
+
+
+def test_a_fork_whose_step_callback_never_comes_stops_the_generation(forge, monkeypatch):
+    before = module_state_fingerprint(forge.unet)
+    monkeypatch.setattr(forge.host, "cfg_denoiser_callback", lambda params: None)
+    with pytest.raises(PGError, match="never announced a step to PG"):
+        forge.generate(pg_args(0.3))
+    assert module_state_fingerprint(forge.unet) == before

@@ -420,3 +420,11 @@ def test_weak_weights_follow_the_live_parameters_device():
     assert place_like_live([layer]) == 1
     assert all(t.device.type == "meta" for t in layer.fixed)
     assert all(t.device.type == "meta" for _m, _n, t in layer.swaps_at(0.5))
+
+
+def test_a_fork_whose_step_callback_never_comes_stops_the_generation(reforge, monkeypatch):
+    before = module_state_fingerprint(reforge.unet)
+    monkeypatch.setattr(reforge.host, "cfg_denoiser_callback", lambda params: None)
+    with pytest.raises(PGError, match="never announced a step to PG"):
+        reforge.generate(pg_args(0.3))
+    assert module_state_fingerprint(reforge.unet) == before

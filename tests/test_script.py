@@ -374,3 +374,19 @@ def test_an_unsupported_fork_refuses_enabled_generations_by_name(env, monkeypatc
     assert not env.pg_callbacks()
     plain, _ = env.generate()
     assert plain.images
+
+
+def test_a_host_whose_step_callback_never_comes_stops_the_generation(env, monkeypatch):
+    """A host version whose sampler no longer calls on_cfg_denoiser would run
+    every step unguided: PG stops the generation with the reason instead, and
+    the model is as before."""
+    from modules import sd_samplers_cfg_denoiser
+
+    before = module_state_fingerprint(env.tuned_inner)
+    monkeypatch.setattr(sd_samplers_cfg_denoiser, "cfg_denoiser_callback", lambda params: None)
+    with pytest.raises(PGError, match="never announced a step to PG"):
+        env.generate(pg_args(0.3))
+    assert module_state_fingerprint(env.tuned_inner) == before
+    assert not env.pg_callbacks()
+    plain, _ = env.generate()  # PG disabled: the host's own sampling is untouched
+    assert plain.images
