@@ -135,6 +135,107 @@ def test_budget_at_least_the_exact_copy_copies_every_difference_exactly(tmp_path
     assert all(torch.equal(d, live[k] - ref[k]) for k, d in lean.exact.items())
 
 
+# -- large matrices: the randomized SVD and the two passes ---------------------------
+
+LARGE = lowrank.FULL_SVD_MAX_SIDE + 88  # above the exact-SVD size: the randomized path
+
+
+def with_spectrum(rows, cols, values, seed=0):
+    """A rows × cols matrix with exactly these singular values (random singular vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(values)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64)).Q
+    return ((u * torch.tensor(values, dtype=torch.float64)) @ v.T).float()
+
+
+@pytest.mark.parametrize("rank", [3, 40])  # within the first sketch; over several blocks
+def test_randomized_svd_reproduces_a_large_rank_r_matrix(rank):
+    matrix = with_spectrum(LARGE, 2 * LARGE, [1.0 / (i + 1) for i in range(rank)])
+    u, s, vh = lowrank.truncated_svd(matrix, 64)
+    assert len(s) >= rank
+    assert relative((u * s) @ vh, matrix) <= 1e-5
+
+
+def test_randomized_svd_stops_at_the_floor_and_finds_every_value_above_it():
+    true = [0.93 ** i for i in range(200)]
+    matrix = with_spectrum(LARGE, 2 * LARGE, true)
+    floor = true[40]
+    u, s, vh = lowrank.truncated_svd(matrix, 200, floor=floor)
+    assert len(s) < 100  # stopped near the floor, not at the rank asked for
+    assert len(s) >= sum(1 for v in true if v >= floor)
+    assert torch.allclose(s[:40].double(), torch.tensor(true[:40], dtype=torch.float64), rtol=0.02)
+    assert relative(u.T @ u, torch.eye(len(s))) <= 1e-5
+
+
+def large_pair(tmp_path, spectra, seed=0):
+    """Checkpoints whose UNet has one large Linear weight per spectrum (its
+    difference has exactly that spectrum), plus a bias each."""
+    g = torch.Generator().manual_seed(seed)
+    base, tuned = {}, {}
+    for i, values in enumerate(spectra):
+        key = f"model.diffusion_model.layer{i}"
+        w = torch.randn(LARGE, 2 * LARGE, generator=g) * 0.02
+        base[f"{key}.weight"], tuned[f"{key}.weight"] = w, w + with_spectrum(LARGE, 2 * LARGE, values, seed=seed + i)
+        base[f"{key}.bias"] = torch.zeros(LARGE)
+        tuned[f"{key}.bias"] = torch.randn(LARGE, generator=g) * 0.001
+    save_checkpoint(base, tmp_path / "base.safetensors")
+    save_checkpoint(tuned, tmp_path / "tuned.safetensors")
+    return str(tmp_path / "tuned.safetensors"), str(tmp_path / "base.safetensors"), base, tuned
+
+
+def test_two_passes_capture_what_full_spectra_would(tmp_path, monkeypatch):
+    """The second pass computes each large layer only down to what the budget
+    can still take: the allocation must capture what it would from every
+    layer's exact, full spectrum (within the sketch's accuracy), with fewer
+    sketch columns than factoring every layer to the rank cap."""
+    spectra = [[scale * decay ** i for i in range(300)] for scale, decay in ((1.0, 0.97), (0.6, 0.99), (0.3, 0.9), (0.8, 0.95))]
+    active_path, base_path, base, tuned = large_pair(tmp_path, spectra)
+    budget = 140 * (3 * LARGE) * 4  # 140 ranks in all
+    columns, grow = [], lowrank.RangeSketch.grow
+    monkeypatch.setattr(lowrank.RangeSketch, "grow", lambda self, width: columns.append(width) or grow(self, width))
+    lean = factor(active_path, base_path, budget)
+    cap = min(lowrank.MAX_RANK, budget // (3 * LARGE * 4))
+    # the first layer of the second pass goes to the cap (nothing bounds it yet), the others stop early
+    assert sum(columns) < 0.75 * len(spectra) * (cap + lowrank.OVERSAMPLE)
+    candidates = [candidate(f"model.diffusion_model.layer{i}.weight", values, (LARGE, 2 * LARGE))
+                  for i, values in enumerate(spectra)]
+    best = lowrank.allocate(candidates, budget, 4)
+    factored = {k: sum(float(v) ** 2 for v in torch.linalg.svdvals((up @ down).double())) for k, (up, down) in lean.factors.items()}
+    assert sum(factored.values()) >= 0.995 * best.captured_energy
+    assert lean.spent_bytes <= budget
+    for key, rank in best.ranks.items():
+        assert abs(lean.ranks().get(key, 0) - rank) <= 3, key
+    for key, (up, down) in lean.factors.items():  # the factors are the difference's own leading part
+        diff = (tuned[key] - base[key]).double()
+        approx = (up @ down).double()
+        assert float(torch.linalg.vector_norm(diff - approx) ** 2) <= 1.02 * (float(diff.norm() ** 2) - factored[key])
+
+
+def test_large_rank_r_pair_is_reproduced_and_progress_covers_both_passes(tmp_path):
+    spectra = [[1.0 / (i + 1) for i in range(rank)] for rank in (2, 12, 30)]
+    active_path, base_path, base, tuned = large_pair(tmp_path, spectra)
+    reports = []
+    with open_checkpoint(active_path) as a, open_checkpoint(base_path) as b:
+        lean = lowrank.factor_pair(a, b, 50 * (3 * LARGE) * 4, torch.float32, progress=lambda d, t: reports.append((d, t)))
+    assert lean.energy_share == pytest.approx(1.0, abs=1e-6)
+    for key, (up, down) in lean.factors.items():
+        assert relative(up.double() @ down.double(), (tuned[key] - base[key]).double()) <= 1e-5, key
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and reports[-1][0] == reports[-1][1]
+
+
+def test_stopping_in_the_second_pass_raises(tmp_path):
+    spectra = [[0.95 ** i for i in range(100)]] * 2
+    active_path, base_path, _, _ = large_pair(tmp_path, spectra)
+    reads = []
+    with open_checkpoint(active_path) as a, open_checkpoint(base_path) as b:
+        keys = lowrank.differing_keys(a, b)
+        with pytest.raises(lowrank.FactoringInterrupted):
+            lowrank.factor_pair(a, b, 10 * (3 * LARGE) * 4, torch.float32,
+                                should_stop=lambda: reads.append(1) or len(reads) > len(keys))
+
+
 # -- the budget ----------------------------------------------------------------------
 
 def test_every_budget_is_respected_and_buys_more_energy(tmp_path):
