@@ -64,6 +64,9 @@ PRUNE_SLACK = 64 * 2**20
 # OpenCLIP's fused attention, a bias whose weight is the same): webui leaves
 # keys it cannot match alone, PG reads them.
 PG_EXACT = "pg_exact."
+# The same for factors webui's Lora extension cannot load: an embedding table's
+# (its lora_patches wrap no nn.Embedding). `<PG_LOWRANK><key>.up` / `.down`.
+PG_LOWRANK = "pg_lowrank."
 METADATA_KEY = "pg_lean"
 
 
@@ -87,11 +90,14 @@ def is_embedding(prefix: str) -> bool:
 
 
 def is_factorable(key: str, shape, keys=()) -> bool:
-    """A Linear or Conv2d weight whose forward PG (and webui's Lora) can wrap:
-    not an embedding table, not an attention projection fused into
-    nn.MultiheadAttention (its forward never calls out_proj's)."""
+    """A Linear or Conv2d weight, or an embedding table, whose forward PG can
+    wrap: not an attention projection fused into nn.MultiheadAttention (its
+    forward never calls out_proj's). An embedding's difference is factored as
+    a (tokens × width) matrix: a fine-tune that trained a few tokens (DreamBooth
+    with its text encoder) changes a few rows, a difference of rank ≤ their
+    number, which the factors hold for a fraction of a copy of the table."""
     prefix, name = module_prefix(key)
-    if name != "weight" or len(shape) not in (2, 4) or is_embedding(prefix):
+    if name != "weight" or len(shape) not in (2, 4) or (is_embedding(prefix) and len(shape) != 2):
         return False
     parent = prefix.rpartition(".")[0]
     return f"{parent}.in_proj_weight" not in keys
@@ -724,6 +730,10 @@ def file_tensors(lean: LeanFactors):
     factored = {module_prefix(k)[0] for k in lean.factors}
     for key, (up, down) in lean.factors.items():
         prefix = module_prefix(key)[0]
+        if is_embedding(prefix):  # no LoRA loader reaches an embedding table
+            tensors[f"{PG_LOWRANK}{key}.up"] = up.contiguous()
+            tensors[f"{PG_LOWRANK}{key}.down"] = down.contiguous()
+            continue
         name = lora_name(prefix) or "pg_" + prefix.replace(".", "_")
         names[name] = prefix
         shape = lean.shapes[key]
@@ -756,7 +766,8 @@ def write_lean_file(lean: LeanFactors, path: str, extra_metadata: dict = None):
             "captured_energy": lean.captured_energy, "differing_bytes": lean.differing_bytes,
             "dtype": str(lean.dtype).replace("torch.", ""), "names": names}
     metadata = {METADATA_KEY: json.dumps(info), "ss_network_module": "networks.lora",
-                "ss_network_dim": str(max([d.shape[0] for _, d in lean.factors.values()], default=0)),
+                "ss_network_dim": str(max([d.shape[0] for k, (_, d) in lean.factors.items()
+                                           if not is_embedding(module_prefix(k)[0])], default=0)),
                 "ss_comment": "Personalization Guidance lean weak weights: fine-tune minus base as LoRA factors"}
     metadata.update(extra_metadata or {})
     tmp = f"{path}.part"
@@ -792,6 +803,13 @@ def read_lean_file(path: str, device="cpu") -> LeanFactors:
         if key.startswith(PG_EXACT):
             lean.exact[key[len(PG_EXACT):]] = tensor
             continue
+        if key.startswith(PG_LOWRANK):
+            weight_key, _, part = key[len(PG_LOWRANK):].rpartition(".")
+            if part == "down":
+                up = tensors[f"{PG_LOWRANK}{weight_key}.up"]
+                lean.factors[weight_key] = (up, tensor)
+                lean.shapes[weight_key] = (up.shape[0], tensor.shape[1])
+            continue
         name, _, part = key.partition(".")
         prefix = names[name]
         if part == "diff":
@@ -814,7 +832,14 @@ def read_lean_file(path: str, device="cpu") -> LeanFactors:
 
 def low_rank_output(module, up, down, bias_diff):
     """x -> D·x for a layer's factored weight difference (and its bias
-    difference): what the weak rows subtract, scaled by 1 − ω."""
+    difference): what the weak rows subtract, scaled by 1 − ω. For an
+    embedding, x are token ids and D·x the rows of D they pick: up's rows
+    (tokens × rank) times down (rank × width)."""
+    if isinstance(module, torch.nn.Embedding):
+        def output(ids):
+            return F.embedding(ids, up) @ down
+
+        return output
     if isinstance(module, torch.nn.Conv2d):
         kernel = down.reshape(down.shape[0], *module.weight.shape[1:]) if down is not None else None
         up_kernel = up.reshape(up.shape[0], -1, 1, 1) if up is not None else None
@@ -840,6 +865,8 @@ def _correctable(module) -> bool:
     """Layers whose weak rows can take D·x added to the live output."""
     if isinstance(module, torch.nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros"
+    if type(module) is torch.nn.Embedding:  # a plain lookup: no norm clipping, no sparse gradients
+        return module.max_norm is None
     return type(module) is torch.nn.Linear
 
 

@@ -21,7 +21,7 @@ RANK = 2
 
 def low_rank_tune(base, rank=RANK, seed=3, scale=0.05):
     """A fine-tune whose difference has rank ≤ `rank` in every factorable
-    weight (UNet and text encoder); everything else unchanged."""
+    Linear/conv weight (UNet and text encoder); everything else unchanged."""
     import copy
 
     tuned = copy.deepcopy(base)
@@ -29,6 +29,8 @@ def low_rank_tune(base, rank=RANK, seed=3, scale=0.05):
     keys = set(base.state_dict())
     with torch.no_grad():
         for key, param in tuned.named_parameters():
+            if lowrank.is_embedding(lowrank.module_prefix(key)[0]):
+                continue
             if lowrank.is_weak_tensor(key, param.dtype) and lowrank.is_factorable(key, tuple(param.shape), keys):
                 rows, cols = param.shape[0], param[0].numel()
                 up = torch.randn(rows, rank, generator=g) * scale
@@ -51,7 +53,8 @@ def factor(active_path, base_path, budget, dtype=torch.float32):
 def rank_budget(model, rank, element_size=4):
     keys = set(model.state_dict())
     return sum(rank * (p.shape[0] + p[0].numel()) * element_size for k, p in model.state_dict().items()
-               if lowrank.is_weak_tensor(k, p.dtype) and lowrank.is_factorable(k, tuple(p.shape), keys))
+               if lowrank.is_weak_tensor(k, p.dtype) and lowrank.is_factorable(k, tuple(p.shape), keys)
+               and not lowrank.is_embedding(lowrank.module_prefix(k)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +417,70 @@ def test_file_loads_as_a_lora_on_the_base_through_webuis_lora_extension(tmp_path
     assert relative(got_text, expected_text) <= 1e-5
     assert relative(got_unet, expected_unet) <= 1e-5
     assert relative(plain_unet, expected_unet) > 1e-3
+
+
+# -- text encoders: an embedding table costs its factors, not a copy -----------------------------
+
+def trained_tokens(base, tokens=(7, 11, 42), scale=0.5, seed=5):
+    """A fine-tune that trained a few tokens' embeddings (DreamBooth with the
+    text encoder, a rare identifier token) and the UNet at low rank."""
+    tuned = low_rank_tune(base)
+    embedding = tuned.cond_stage_model.transformer.text_model.embeddings.token_embedding
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embedding.weight[list(tokens)] += scale * torch.randn(len(tokens), embedding.weight.shape[1], generator=g)
+    return tuned
+
+
+def weak_text(model, weak, omega):
+    """The text encoder's output on every row with the weak model's corrections (as PG computes
+    the weak negative conditioning: lib_pg/hosts/common/conditioning.py)."""
+    from lib_pg.routing import corrected_text_layers
+
+    te = model.cond_stage_model
+    with torch.no_grad(), corrected_text_layers(weak.text, omega):
+        return te(te.encode(["a photo of sks dog", ""]))
+
+
+def test_a_few_trained_tokens_are_factors_not_a_copy_of_the_table(tmp_path):
+    base = make_sd1("tiny", seed=0)
+    tuned = trained_tokens(base)
+    active_path, base_path = write_pair(tmp_path, base, tuned)
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    table = tuned.state_dict()[key]
+    table_bytes = table.numel() * table.element_size()
+    lean = factor(active_path, base_path, int(1.05 * rank_budget(base, RANK)) + table_bytes // 4)
+    assert key in lean.factors and key not in lean.exact
+    up, down = lean.factors[key]
+    assert down.shape[0] <= 3  # three trained rows: rank 3
+    expected = tuned.state_dict()[key].double() - base.state_dict()[key].double()
+    assert relative(up.double() @ down.double(), expected) <= 1e-5
+    weak = lowrank.build_lean_weak_model(tuned, lean, ("constant", 0.0))
+    held = sum(t.numel() * t.element_size() for t in lean.factors[key])
+    assert held < table_bytes / 10
+    for omega in (0.0, 0.5):
+        reference = interpolated_copy(base, tuned, omega) if omega else base
+        with torch.no_grad():
+            te = reference.cond_stage_model
+            expected_text = te(te.encode(["a photo of sks dog", ""]))
+        assert relative(weak_text(tuned, weak, omega), expected_text) <= 1e-5
+    assert relative(weak_text(tuned, weak, 1.0), weak_text(tuned, lowrank.build_lean_weak_model(tuned, lean, ("constant", 1.0)), 1.0)) == 0
+
+
+def test_embedding_factors_round_trip_through_the_file_under_pgs_own_keys(tmp_path):
+    base = make_sd1("tiny", seed=0)
+    tuned = trained_tokens(base)
+    active_path, base_path = write_pair(tmp_path, base, tuned)
+    lean = factor(active_path, base_path, int(1.05 * rank_budget(base, RANK)) + 2**16)
+    path = str(tmp_path / "lean.safetensors")
+    lowrank.write_lean_file(lean, path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith(lowrank.PG_LOWRANK) for k in keys)
+    assert not any("embedding" in k for k in keys if k.startswith("lora_"))  # no LoRA loader reaches them
+    read = lowrank.read_lean_file(path)
+    assert set(read.factors) == set(lean.factors) and set(read.exact) == set(lean.exact)
+    for key, (up, down) in lean.factors.items():
+        assert torch.equal(read.factors[key][0] @ read.factors[key][1], up @ down), key
