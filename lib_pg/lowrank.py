@@ -181,9 +181,11 @@ class RangeSketch:
     (k × n) holds M within it, so the singular values of `rows` approach M's
     from below (the first ones closely, the last OVERSAMPLE ones least).
     `grow(width)` adds a Gaussian sketch of what the basis misses, refined by
-    power iterations; `exhausted` says the basis holds all of M (to float32
-    rounding at M's size), so that its SVD is M's, exact. The matrix itself is
-    not kept: `resume(matrix)` takes it again (and recomputes `rows`)."""
+    power iterations; `exhausted` says the basis holds all of M but
+    EXHAUSTED_SHARE of its energy (for a matrix of lower rank: all of it, to
+    float32 rounding), so that its SVD is M's. Between factor_pair's passes
+    `release()` drops the matrix and `rows` (only the basis is kept);
+    `resume(matrix)` takes the matrix again and recomputes `rows`."""
 
     def __init__(self, matrix: torch.Tensor, seed: int, energy: float = None):
         self.generator = torch.Generator().manual_seed(seed)

@@ -363,6 +363,11 @@ def test_extract_refuses_missing_files_and_identical_models(low_rank_pair, capsy
     assert code == 2 and err.count("\n") == 1 and "required: BASE, -o/--out" in err
 
 
+def test_extract_help_prints(capsys):
+    code, _out, _err = run_cli("extract", "--help")
+    assert code == 0 and "--budget MIB" in capsys.readouterr().out
+
+
 # -- the file as an ordinary LoRA in webui ---------------------------------------------------
 
 def unet_and_text_outputs(model):
