@@ -35,10 +35,10 @@ ERROR_TIMESTEPS = (100, 300, 500, 700, 900)
 BUDGET_SHARES = (0.02, 0.04, 0.08, 0.16)
 
 
-def synthetic_reference(live, seed=5):
-    """θ_ref = θ_live − D with D as described in the module docstring (float32 CPU, checkpoint keys)."""
+def synthetic_reference(state, seed=5):
+    """θ_ref = θ_live − D for a state dict (checkpoint keys), with D as described
+    in the module docstring (float32 CPU)."""
     g = torch.Generator().manual_seed(seed)
-    state = live.state_dict()
     keys = set(state)
     ref = {}
     for key, weight in state.items():
@@ -56,6 +56,28 @@ def synthetic_reference(live, seed=5):
         d *= target / max(float(d.norm()), 1e-30)
         ref[key] = (w - d).to(weight.dtype)
     return ref
+
+
+def text_encoder_pair():
+    """(live, reference) state dicts of a CLIP-L text encoder (SD 1.5's, random
+    weights) and its synthetic difference: SD 1.5 DreamBooths often train it too."""
+    clip = ldm_models._materialise(lambda: ldm_models.CLIPTextEncoder(768, 12, 12, 3072), 3, "cpu", torch.float32)
+    live = {f"cond_stage_model.{k}": v.detach() for k, v in clip.state_dict().items()}
+    return live, synthetic_reference(live, seed=6)
+
+
+def unet_part(lean):
+    """The lean factors of the UNet only (the benchmark's live model is the UNet)."""
+    part = lowrank.LeanFactors(budget_bytes=lean.budget_bytes, spent_bytes=lean.spent_bytes, total_energy=lean.total_energy,
+                               captured_energy=lean.captured_energy, dtype=lean.dtype, differing_bytes=lean.differing_bytes)
+    part.factors = {k: v for k, v in lean.factors.items() if k.startswith(UNET_PREFIX)}
+    part.exact = {k: v for k, v in lean.exact.items() if k.startswith(UNET_PREFIX)}
+    part.shapes = {k: v for k, v in lean.shapes.items() if k.startswith(UNET_PREFIX)}
+    return part
+
+
+def held_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def trained_reference(live):
@@ -102,11 +124,15 @@ def lean_error(lean_out, exact_out, live_out):
 def measure(args, live, device, dtype, latent, workdir):
     """Factor, load and compare lean weak weights; returns (figures, the lean weak model at the default budget)."""
     started = time.perf_counter()
-    reference = trained_reference(live) if args.tiny else synthetic_reference(live)
+    reference = trained_reference(live) if args.tiny else None  # (loads the fine-tune into the live UNet)
+    live_state = {k: v.detach().cpu() for k, v in live.state_dict().items()}
+    reference = reference or synthetic_reference(live_state)
+    text_live, text_reference = ({}, {}) if args.tiny else text_encoder_pair()
     active_path, base_path = os.path.join(workdir, "active.safetensors"), os.path.join(workdir, "lean-base.safetensors")
-    ldm_models.save_checkpoint({k: v.detach().cpu() for k, v in live.state_dict().items()}, active_path)
-    ldm_models.save_checkpoint(reference, base_path)
-    print(f"lean: difference {'trained (tiny DreamBooth)' if args.tiny else 'synthetic, s_i ∝ 1/(i+1)'} "
+    ldm_models.save_checkpoint({**live_state, **text_live}, active_path)
+    ldm_models.save_checkpoint({**reference, **text_reference}, base_path)
+    del live_state, text_live, text_reference
+    print(f"lean: difference {'trained (tiny DreamBooth)' if args.tiny else 'synthetic, s_i ∝ 1/(i+1), UNet + CLIP-L'} "
           f"written in {time.perf_counter() - started:.1f} s", flush=True)
     unet = live.model.diffusion_model
     unet_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -125,30 +151,40 @@ def measure(args, live, device, dtype, latent, workdir):
     rows, figures, lean_weak = [], {}, None
     for share in shares:
         budget = int(share * exact_bytes)
+        load = os.getloadavg()[0]
+        threads = lowrank.factoring_threads() if device.type == "cpu" else None
         t0 = time.perf_counter()
         with open_checkpoint(active_path) as a, open_checkpoint(base_path) as b:
             lean = lowrank.factor_pair(a, b, budget, dtype, device if device.type == "cuda" else None)
         factor_s = time.perf_counter() - t0
-        weak = lowrank.build_lean_weak_model(live, lean, ("constant", 0.5))
+        # The text encoder's factors (SD 1.5 size) are held too, next to the UNet's weak layers.
+        text_bytes = (held_bytes(t for k, pair in lean.factors.items() if not k.startswith(UNET_PREFIX) for t in pair)
+                      + held_bytes(t for k, t in lean.exact.items() if not k.startswith(UNET_PREFIX)))
+        weak = lowrank.build_lean_weak_model(live, unet_part(lean), ("constant", 0.5))
+        extra = weak.extra_bytes + text_bytes
         error = lean_error(weak_outputs(live, weak, inputs), exact_out, live_out)
-        rows.append((share, budget, lean.energy_share, error, weak.extra_bytes, factor_s))
+        rows.append((share, budget, lean.energy_share, error, extra, factor_s))
         print(f"lean budget {100 * share:.0f} % of the exact copy ({budget / 2**20:.1f} MiB): energy "
-              f"{100 * lean.energy_share:.1f} %, lean_error {error:.3f}, extra {weak.extra_bytes / 2**20:.1f} MiB "
-              f"({weak.extra_bytes / unet_bytes:.3f} x UNet), factored in {factor_s:.1f} s", flush=True)
+              f"{100 * lean.energy_share:.1f} %, lean_error {error:.3f}, extra {extra / 2**20:.1f} MiB "
+              f"(text encoder {text_bytes / 2**20:.1f}; {extra / unet_bytes:.3f} x UNet), factored in {factor_s:.1f} s "
+              f"({threads or 'GPU'} threads, load {load:.1f} before, {os.getloadavg()[0]:.1f} after)", flush=True)
         if budget == default or share == lowrank.DEFAULT_BUDGET_SHARE:
             path = os.path.join(workdir, "lean.safetensors")
             lowrank.write_lean_file(lean, path)
             loads = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                lean_weak = lowrank.build_lean_weak_model(live, lowrank.read_lean_file(path), ("constant", 0.5))
+                lean_weak = lowrank.build_lean_weak_model(live, unet_part(lowrank.read_lean_file(path)), ("constant", 0.5))
                 loads.append((time.perf_counter() - t0) * 1000)
-            figures = {"lean_extra_mem_ratio": weak.extra_bytes / unet_bytes, "lean_error": error,
-                       "lean_energy": lean.energy_share, "factor_s": factor_s, "lean_load_ms": sorted(loads)[1],
+            figures = {"lean_extra_mem_ratio": extra / unet_bytes, "lean_error": error,
+                       "lean_energy": lean.energy_share, "factor_s": factor_s, "factor_threads": threads,
+                       "factor_load": load, "lean_load_ms": sorted(loads)[1],
                        "lean_budget_mib": budget / 2**20, "lean_exact_mib": exact_bytes / 2**20,
-                       "lean_delta": "trained" if args.tiny else f"synthetic power law, rank {SYNTHETIC_RANK}"}
-    for path in (active_path, base_path):
-        os.remove(path)
+                       "lean_text_mib": text_bytes / 2**20, "lean_file_mib": os.path.getsize(path) / 2**20,
+                       "lean_delta": "trained" if args.tiny else f"synthetic power law, rank {SYNTHETIC_RANK}, UNet + CLIP-L"}
+    for path in (active_path, base_path, os.path.join(workdir, "lean.safetensors")):
+        if os.path.exists(path):
+            os.remove(path)
     figures["lean_table"] = [{"share": r[0], "energy": r[2], "lean_error": r[3], "extra_mem_ratio": r[4] / unet_bytes,
                               "factor_s": r[5]} for r in rows]
     return figures, lean_weak

@@ -295,7 +295,7 @@ def main(argv=None):
     if not args.lean_only:
         variants["pg_lora16"] = lambda: GuidanceRun(unet, loras[16][0], settings)
         variants["pg_lora128"] = lambda: GuidanceRun(unet, loras[128][0], settings)
-    rows, ratios, evals_equal = [], {name: [] for name in variants if name != "cfg"}, True
+    rows, ratios, evals_equal, loads = [], {name: [] for name in variants if name != "cfg"}, True, []
     for batch in batch_sizes:
         inputs = step_inputs(unet, batch, latent, device, dtype)
         for bcu in (True, False):
@@ -304,6 +304,7 @@ def main(argv=None):
             for factory in variants.values():  # warm-up
                 time_step(unet, factory, inputs, bcu, device)
             times = {name: [] for name in variants}
+            loads.append(os.getloadavg()[0])
             for _ in range(rounds_for(batch)):
                 for name, factory in variants.items():
                     times[name].append(time_step(unet, factory, inputs, bcu, device))
@@ -314,9 +315,11 @@ def main(argv=None):
             for name in ratios:
                 ratios[name].append(paired[name])
             rows.append((batch, bcu, medians, evals, paired))
+            loads.append(os.getloadavg()[0])
             print(f"  batch {batch}, batch_cond_uncond {'on ' if bcu else 'off'}: "
                   + ", ".join(f"{n} {m * 1000:.1f} ms [{min(times[n]) * 1000:.0f}-{max(times[n]) * 1000:.0f}] "
-                              f"({evals[n]} evals)" for n, m in medians.items()), flush=True)
+                              f"({evals[n]} evals)" for n, m in medians.items())
+                  + f" (load {loads[-2]:.1f} -> {loads[-1]:.1f})", flush=True)
 
     result = {
         "machine": platform.node(), "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -332,6 +335,7 @@ def main(argv=None):
         "stream_s": stream_s, "ratio_floor_checkpoint": max(1 + stream_s / m["cfg"] for _, _, m, _, _ in rows),
         "extra_mem_ratio": extra_bytes / weak.differing_bytes,
         "differing_mib": weak.differing_bytes / 2**20, "file_mib": file_bytes / 2**20,
+        "load_steps": [min(loads), max(loads)], "threads": torch.get_num_threads(),
         **lean_figures,
     }
     print()

@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", metavar="BASE")
     p.add_argument("-o", "--out", metavar="OUT.safetensors", required=True)
     p.add_argument("--budget", type=_number, default=None, metavar="MIB",
-                   help=f"MiB of factors and copies (default: {lowrank.DEFAULT_BUDGET_SHARE:.0%} of the exact copy)")
+                   help=f"MiB of factors and copies (default: {100 * lowrank.DEFAULT_BUDGET_SHARE:.0f} %% of the exact copy)")
     p.add_argument("--dtype", choices=sorted(FILE_DTYPES), default=None, help="stored dtype (default: the active file's)")
     p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
     p = sub.add_parser("find-base", help="pick the closest base for ACTIVE among CANDIDATE files")

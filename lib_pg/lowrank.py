@@ -17,6 +17,7 @@ Pure torch + safetensors (never imports webui). Reads go through
 import json
 import math
 import os
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -30,13 +31,31 @@ from lib_pg.weights import TEXT_PREFIXES, UNET_PREFIX, WeakLayer, WeakModel, det
 # the weak weights then cost at most a tenth of the UNet (bench: lean_extra_mem_ratio).
 DEFAULT_BUDGET_SHARE = 0.08
 # No layer gets more than this rank: beyond it a copy is rarely dearer, and
-# a randomized SVD of this rank is what the factoring can afford on a CPU.
+# factoring that deep is what a CPU can afford.
 MAX_RANK = 256
 # Matrices whose smaller side is at most this get a full SVD (cheap, exact);
-# larger ones a randomized SVD of rank MAX_RANK (+ oversampling).
-FULL_SVD_MAX_SIDE = 2 * MAX_RANK
-OVERSAMPLE = 16
-SINGLE_THREAD_MAX_SIDE = 256
+# larger ones a randomized SVD that stops at the rank the budget can take.
+FULL_SVD_MAX_SIDE = 512
+# LAPACK (eigh, QR) on a matrix whose smaller side is at most this runs on one
+# thread: threads gain at most 1.5× there on an idle machine, and lose 10–100×
+# on a busy one (OpenMP threads spin at every barrier while the core they wait
+# for runs something else: measured on this project's loaded 2-core machine,
+# bench/RESULTS.md). Matrix products keep every thread.
+SINGLE_THREAD_MAX_SIDE = 512
+# The randomized SVD of a large matrix grows an orthonormal basis of its range
+# by blocks of BLOCK columns, each a Gaussian sketch of what the basis still
+# misses, refined by POWER_ITERATIONS passes of M·Mᵀ, until the singular values
+# it finds fall below what the budget can still take (see `factor_pair`). The
+# last OVERSAMPLE columns' singular values are the least accurate: never kept.
+BLOCK = 32
+POWER_ITERATIONS = 1
+OVERSAMPLE = 8
+# The first look at every large matrix (factor_pair's first pass): this many
+# columns tell how its spectrum starts, enough to order the layers and to bound
+# what the budget will take; a difference of rank below it is done there.
+SKETCH_WIDTH = 16
+# A sketch missing less than this share of its matrix's energy holds all of it.
+EXHAUSTED_SHARE = 1e-5
 # Factoring holds at most about twice the budget (float32) plus this before it
 # drops what can no longer be taken.
 PRUNE_SLACK = 64 * 2**20
@@ -45,6 +64,9 @@ PRUNE_SLACK = 64 * 2**20
 # OpenCLIP's fused attention, a bias whose weight is the same): webui leaves
 # keys it cannot match alone, PG reads them.
 PG_EXACT = "pg_exact."
+# The same for factors webui's Lora extension cannot load: an embedding table's
+# (its lora_patches wrap no nn.Embedding). `<PG_LOWRANK><key>.up` / `.down`.
+PG_LOWRANK = "pg_lowrank."
 METADATA_KEY = "pg_lean"
 
 
@@ -68,11 +90,14 @@ def is_embedding(prefix: str) -> bool:
 
 
 def is_factorable(key: str, shape, keys=()) -> bool:
-    """A Linear or Conv2d weight whose forward PG (and webui's Lora) can wrap:
-    not an embedding table, not an attention projection fused into
-    nn.MultiheadAttention (its forward never calls out_proj's)."""
+    """A Linear or Conv2d weight, or an embedding table, whose forward PG can
+    wrap: not an attention projection fused into nn.MultiheadAttention (its
+    forward never calls out_proj's). An embedding's difference is factored as
+    a (tokens × width) matrix: a fine-tune that trained a few tokens (DreamBooth
+    with its text encoder) changes a few rows, a difference of rank ≤ their
+    number, which the factors hold for a fraction of a copy of the table."""
     prefix, name = module_prefix(key)
-    if name != "weight" or len(shape) not in (2, 4) or is_embedding(prefix):
+    if name != "weight" or len(shape) not in (2, 4) or (is_embedding(prefix) and len(shape) != 2):
         return False
     parent = prefix.rpartition(".")[0]
     return f"{parent}.in_proj_weight" not in keys
@@ -117,33 +142,142 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int, seed: int = 0):
-    """(U, s, Vh) of the `rank` largest singular values, float32, on the matrix's
-    device. Small matrices: exactly (an SVD on a GPU; on a CPU the eigen-
-    decomposition of the float64 Gram matrix of the smaller side, several
-    times faster than LAPACK's SVD there). Large ones: a randomized SVD
-    (Halko et al.; exact for a matrix of rank ≤ `rank`), seeded so that the
-    same pair of files always gives the same factors."""
+def truncated_svd(matrix: torch.Tensor, rank: int, seed: int = 0, floor: float = 0.0, sketch=None, energy=None):
+    """(U, s, Vh) of the largest singular values, float32, on the matrix's
+    device: at most `rank` of them, and of a large matrix only those down to
+    about `floor` (what the budget can still take; 0: down to `rank`).
+    Small matrices: exactly (an SVD on a GPU; on a CPU the eigendecomposition
+    of the float64 Gram matrix of the smaller side, several times faster than
+    LAPACK's SVD there). Large ones: a randomized SVD (`RangeSketch`; exact
+    for a matrix of rank below what it sketched), seeded so that the same pair
+    of files always gives the same factors; `sketch` continues one begun on
+    the same matrix; `energy` is ‖matrix‖² where known."""
     matrix = matrix.float()
     rank = min(rank, *matrix.shape)
     if min(matrix.shape) <= FULL_SVD_MAX_SIDE:
         if matrix.is_cuda:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         else:
-            with one_thread_below(SINGLE_THREAD_MAX_SIDE, min(matrix.shape)):
-                u, s, vh = gram_svd(matrix)
+            u, s, vh = gram_svd(matrix)
         return u[:, :rank], s[:rank], vh[:rank]
-    devices = [matrix.device] if matrix.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(matrix, q=min(rank + OVERSAMPLE, *matrix.shape), niter=2)
-    return u[:, :rank], s[:rank], v[:, :rank].T
+    if sketch is None:
+        sketch = RangeSketch(matrix, seed, energy)
+    else:
+        sketch.resume(matrix)
+    limit = min(rank + OVERSAMPLE, *matrix.shape)
+    while sketch.width < limit and not sketch.exhausted:
+        settled = sketch.width - OVERSAMPLE
+        if floor > 0 and settled > 0 and sketch.values[settled - 1] < floor:
+            break  # every value the budget can still take is settled
+        sketch.grow(min(BLOCK, limit - sketch.width))
+    return sketch.svd(rank)
+
+
+class RangeSketch:
+    """A randomized SVD grown a block at a time (Halko, Martinsson & Tropp
+    2011, §4.4–4.5; the blocked QB form of Martinsson & Voronin 2016).
+
+    `basis` (m × k, orthonormal) spans most of M's range; `rows` = basisᵀ·M
+    (k × n) holds M within it, so the singular values of `rows` approach M's
+    from below (the first ones closely, the last OVERSAMPLE ones least).
+    `grow(width)` adds a Gaussian sketch of what the basis misses, refined by
+    power iterations; `exhausted` says the basis holds all of M but
+    EXHAUSTED_SHARE of its energy (for a matrix of lower rank: all of it, to
+    float32 rounding), so that its SVD is M's. Between factor_pair's passes
+    `release()` drops the matrix and `rows` (only the basis is kept);
+    `resume(matrix)` takes the matrix again and recomputes `rows`."""
+
+    def __init__(self, matrix: torch.Tensor, seed: int, energy: float = None):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.basis = matrix.new_empty(matrix.shape[0], 0)
+        self.values = torch.empty(0, dtype=torch.float64)
+        self.energy = squared_norm(matrix) if energy is None else energy
+        # Once the basis misses less than this, it holds M: what the energies
+        # still differ by is float32 rounding of `rows` (~1e-7 of it) or a tail
+        # below 0.3 % of ‖M‖.
+        self.tolerance = EXHAUSTED_SHARE * self.energy
+        self.resume(matrix)
+
+    @property
+    def width(self) -> int:
+        return self.basis.shape[1]
+
+    def resume(self, matrix: torch.Tensor):
+        held = getattr(self, "matrix", None)
+        if held is not None and held.data_ptr() == matrix.data_ptr() and held.shape == matrix.shape:
+            return  # still the matrix it holds
+        self.matrix = matrix
+        self.basis = self.basis.to(matrix.device)
+        self.rows = self.basis.T @ matrix
+        self.gram = (self.rows @ self.rows.T).double()
+        self._update()
+
+    def release(self):
+        """Drop the matrix and its rows (a later `resume` brings them back); the basis stays."""
+        self.matrix = self.rows = self.gram = None
+
+    def grow(self, width: int):
+        m = self.matrix
+        omega = torch.randn(m.shape[1], width, generator=self.generator).to(m.device)
+        y = self._deflate(m @ omega)
+        for _ in range(POWER_ITERATIONS):
+            # (M·Mᵀ) applied to what the basis misses; orthonormal in between, or
+            # float32 loses the smaller directions to the largest one.
+            y = self._deflate(m @ orthonormal(m.T @ orthonormal(y)))
+        block = orthonormal(self._deflate(y))  # twice: one projection leaves rounding in the basis's span
+        block_rows = block.T @ m
+        cross = (self.rows @ block_rows.T).double()
+        self.gram = torch.cat([torch.cat([self.gram, cross], 1),
+                               torch.cat([cross.T, (block_rows @ block_rows.T).double()], 1)], 0)
+        self.basis = torch.cat([self.basis, block], 1)
+        self.rows = torch.cat([self.rows, block_rows], 0)
+        self._update()
+
+    def _deflate(self, y):
+        return y - self.basis @ (self.basis.T @ y) if self.width else y
+
+    def _update(self):
+        if not self.width:
+            self.exhausted = self.energy == 0.0
+            return
+        with one_thread_below(SINGLE_THREAD_MAX_SIDE, self.width):
+            eigenvalues = torch.linalg.eigvalsh(self.gram).flip(0).clamp(min=0)
+        self.values = eigenvalues.sqrt().cpu()
+        captured = float(self.gram.trace())  # ‖rows‖²
+        self.exhausted = self.energy - captured <= self.tolerance or self.width >= min(self.matrix.shape)
+
+    def svd(self, rank: int):
+        """(U, s, Vh) of M within the basis: the first `rank` of them, of those
+        settled (all of them once the basis holds M)."""
+        keep = self.width if self.exhausted else max(self.width - OVERSAMPLE, 0)
+        keep = min(rank, keep)
+        u, s, vh = gram_svd(self.rows)
+        return (self.basis @ u[:, :keep]), s[:keep], vh[:keep]
+
+
+def squared_norm(tensor: torch.Tensor) -> float:
+    """‖tensor‖², float32 products summed in float64 by runs of NORM_RUN
+    elements: within ~1e-7 of the float64 sum, 5–10× faster than a float64
+    reduction on a CPU (which converts every element first)."""
+    flat = tensor.detach().reshape(-1).float()
+    whole = flat.numel() - flat.numel() % NORM_RUN
+    runs = flat[:whole].view(-1, 1, NORM_RUN)
+    total = float(torch.bmm(runs, runs.transpose(1, 2)).double().sum()) if whole else 0.0
+    rest = flat[whole:]
+    return total + float(torch.dot(rest, rest))
+
+
+NORM_RUN = 4096
+
+
+def orthonormal(y: torch.Tensor) -> torch.Tensor:
+    with one_thread_below(SINGLE_THREAD_MAX_SIDE, min(y.shape)):
+        return torch.linalg.qr(y).Q
 
 
 @contextmanager
 def one_thread_below(limit: int, side: int):
-    """LAPACK on small matrices: one thread. Threads' start-up and spinning cost
-    more than the work there, 10× on a busy 2-core machine (measured on eigh of 64×64)."""
+    """LAPACK on small matrices: one thread (see SINGLE_THREAD_MAX_SIDE). CPU only."""
     if side > limit or torch.get_num_threads() == 1:
         yield
         return
@@ -163,7 +297,9 @@ def gram_svd(matrix: torch.Tensor):
         u, s, vh = gram_svd(matrix.T)
         return vh.T, s, u.T
     m64 = matrix.double()
-    eigenvalues, vectors = torch.linalg.eigh(m64 @ m64.T)
+    gram = m64 @ m64.T
+    with one_thread_below(SINGLE_THREAD_MAX_SIDE, gram.shape[0]):
+        eigenvalues, vectors = torch.linalg.eigh(gram)
     order = torch.argsort(eigenvalues, descending=True)
     u = vectors[:, order]
     projected = u.T @ m64                                   # diag(s)·Vh
@@ -209,6 +345,27 @@ class Candidate:
     def held_bytes(self) -> int:
         tensors = (self.factors or ()) + ((self.diff,) if self.diff is not None else ())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def items(self, element_size: int):
+        """(gains per byte, costs in bytes) of what this tensor offers the
+        allocation, as numpy arrays; None where it offers nothing."""
+        import numpy as np  # noqa: PLC0415
+
+        key = (self.singular_values, self.energy, self.diff is not None, element_size)
+        cached = getattr(self, "_items", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self.factorable:
+            cost = float(self.rank_cost * element_size)
+            values = np.asarray(self.singular_values, dtype=np.float64)
+            items = (values * values / cost, np.full(len(values), cost))
+        elif self.diff is not None and self.energy > 0:
+            cost = float(self.numel * element_size)
+            items = (np.array([self.energy / cost]), np.array([cost]))
+        else:
+            items = None
+        self._items = (key, items)
+        return items
 
     @property
     def rank_cost(self) -> int:
@@ -261,31 +418,43 @@ def allocate(candidates, budget_bytes: int, element_size: int) -> Allocation:
     return Allocation(ranks, exact, spent, captured)
 
 
+def take_threshold(candidates, budget_bytes: int, element_size: int) -> float:
+    """The gain per byte at which the items known so far, taken best first,
+    overflow the budget (0 while they all fit). Known items are true ones or
+    fall short of them (a sketch's singular values approach M's from below),
+    and items found later only add competition: the final allocation takes
+    nothing below this, so nothing below it needs to be computed or kept."""
+    import numpy as np  # noqa: PLC0415
+
+    ratios, costs = [], []
+    for c in candidates:
+        items = c.items(element_size)
+        if items is not None:
+            ratios.append(items[0])
+            costs.append(items[1])
+    if not ratios:
+        return 0.0
+    ratios, costs = np.concatenate(ratios), np.concatenate(costs)
+    order = np.argsort(-ratios, kind="stable")
+    over = np.nonzero(np.cumsum(costs[order]) > budget_bytes)[0]
+    return float(ratios[order[over[0]]]) if len(over) else 0.0
+
+
 def prune(candidates, budget_bytes: int, element_size: int):
     """Drop the singular values (and exact-only tensors) that can no longer be
-    taken: those below the gain per byte at which the higher ones already
-    cost the budget. Keeps what factoring holds near the budget."""
-    factorable = [c for c in candidates if c.factorable]
-    if not factorable:
+    taken: those below `take_threshold`. Keeps what factoring holds near the budget."""
+    threshold = take_threshold(candidates, budget_bytes, element_size)
+    if threshold <= 0:
         return
-    ratios = torch.cat([torch.tensor(c.singular_values, dtype=torch.float64) ** 2 / (c.rank_cost * element_size)
-                        for c in factorable])
-    costs = torch.cat([torch.full((len(c.singular_values),), float(c.rank_cost * element_size), dtype=torch.float64)
-                       for c in factorable])
-    order = torch.argsort(ratios, descending=True)
-    over = torch.nonzero(torch.cumsum(costs[order], 0) > budget_bytes)
-    if not len(over):
-        return
-    threshold = float(ratios[order[over[0, 0]]])
     for c in candidates:
-        if c.factorable:
+        if c.factorable and c.factors is not None:
             keep = sum(1 for s in c.singular_values if s * s / (c.rank_cost * element_size) >= threshold)
             if keep < len(c.singular_values):
                 c.singular_values = c.singular_values[:keep] or (0.0,)  # (0.0,): factorable, nothing to take
                 c.factors = (c.factors[0][:, :keep], c.factors[1][:keep]) if keep else None
                 if keep * c.rank_cost < c.numel:
                     c.diff = None  # can no longer become a copy
-        elif c.diff is not None and c.energy / (c.numel * element_size) < threshold:
+        elif not c.factorable and c.diff is not None and c.energy / (c.numel * element_size) < threshold:
             c.diff = None
             c.energy = 0.0  # counted in the total, no longer takeable
 
@@ -326,63 +495,173 @@ def differing_keys(active, base):
     return [k for k in active.keys if k in base and is_weak_tensor(k, active.dtypes[k])]
 
 
-def factor_pair(active, base, budget_bytes: int, dtype: torch.dtype = torch.float16, device=None,
-                progress=None, should_stop=None) -> LeanFactors:
-    """Factor D = active − base (two open `Checkpoint`s) within `budget_bytes`
-    of weights stored in `dtype`. SVDs run on `device` (the GPU when given one).
+def factoring_threads() -> int:
+    """Threads for factoring on a CPU: torch's setting, less the cores that
+    other processes keep busy (the 1-minute load average). OpenMP's threads
+    spin at every barrier (its default wait policy): on cores that something
+    else also runs, a thread waits for one that is not running, and 2 threads
+    on a 2-core machine at load 2–3 factored 4× slower than 1 (bench/RESULTS.md)."""
+    threads = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return threads
+    cores = os.cpu_count() or threads
+    return max(1, min(threads, int(cores - busy + 0.5)))
 
-    `progress(done_bytes, total_bytes)` is called after each tensor;
-    `should_stop()` is polled between tensors (FactoringInterrupted)."""
+
+@contextmanager
+def cpu_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def factor_pair(active, base, budget_bytes: int, dtype: torch.dtype = torch.float16, device=None,
+                progress=None, should_stop=None, threads: int = None) -> LeanFactors:
+    """Factor D = active − base (two open `Checkpoint`s) within `budget_bytes`
+    of weights stored in `dtype`. SVDs run on `device` (the GPU when given
+    one); on a CPU with `threads` threads (default: `factoring_threads()`).
+
+    Two passes over the files, because a large matrix's randomized SVD costs
+    in proportion to the rank it goes down to, and the rank the budget gives a
+    layer depends on every other layer. The first pass reads every tensor:
+    small ones (norms, biases, matrices up to FULL_SVD_MAX_SIDE) are finished
+    there, and every large matrix gets a first sketch (SKETCH_WIDTH columns;
+    final where that holds all of it, as for a merged LoRA's difference). The
+    second factors the large matrices, best first (their first singular
+    value's gain per byte), each only down to `take_threshold` of everything
+    known by then: no finer than the final allocation could use.
+
+    `progress(done, total)` is called after each tensor of either pass (in
+    bytes read); `should_stop()` is polled between tensors (FactoringInterrupted)."""
     device = torch.device(device or "cpu")
+    if device.type != "cpu":
+        return _factor_pair(active, base, budget_bytes, dtype, device, progress, should_stop)
+    with cpu_threads(threads or factoring_threads()):
+        return _factor_pair(active, base, budget_bytes, dtype, device, progress, should_stop)
+
+
+def _factor_pair(active, base, budget_bytes, dtype, device, progress, should_stop) -> LeanFactors:
     element_size = torch.empty((), dtype=dtype).element_size()
     keys = differing_keys(active, base)
     key_set = set(active.keys)
-    total = sum(active.nbytes(k) for k in keys)
     # A budget that holds the exact copy gets it: every difference whole, no SVD.
     copy_all = budget_bytes >= estimated_differing_bytes(active, base, element_size)
-    candidates, done, total_energy, differing, held = [], 0, 0.0, 0, 0
-    for key in keys:
+    factorable = set() if copy_all else {k for k in keys if is_factorable(k, active.shapes[k], key_set)}
+    large = {k for k in factorable if min(as_matrix_shape(active.shapes[k])) > FULL_SVD_MAX_SIDE}
+    total = sum(active.nbytes(k) for k in keys) + sum(active.nbytes(k) for k in large)
+    candidates, pending, done, total_energy, differing, held = [], [], 0, 0.0, 0, 0
+
+    def check_stop():
         if should_stop is not None and should_stop():
             raise FactoringInterrupted()
+
+    def difference(key):
         a, b = active.get(key), base.get(key)
-        done += active.nbytes(key)
         if torch.equal(a, b):
-            if progress:
-                progress(done, total)
-            continue
-        diff = a.to(device).float() - b.to(device).float()
-        del a, b
-        differing += diff.numel() * element_size
-        if not copy_all and is_factorable(key, tuple(diff.shape), key_set):
-            c = factor_candidate(key, diff, budget_bytes, dtype)
-        else:
-            c = Candidate(key, tuple(diff.shape), float(torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2),
-                          diff=diff.to(dtype).cpu())
-        total_energy += c.energy
-        del diff
-        candidates.append(c)
-        held += c.held_bytes()
+            return None
+        return a.to(device).float() - b.to(device).float()
+
+    def advance(nbytes, added=None):
+        nonlocal done, held
+        done += nbytes
+        if added is not None:
+            held += added.held_bytes()
         if held > 2 * budget_bytes + PRUNE_SLACK:
             prune(candidates, budget_bytes, element_size)
             held = sum(c.held_bytes() for c in candidates)
         if progress:
             progress(done, total)
+
+    for key in keys:
+        check_stop()
+        diff = difference(key)
+        if diff is None:
+            advance(active.nbytes(key) * (2 if key in large else 1))
+            continue
+        differing += diff.numel() * element_size
+        sketch = None
+        if key in large:
+            c, sketch = sketch_candidate(key, diff, budget_bytes, dtype)
+        elif key in factorable:
+            c = factor_candidate(key, diff, budget_bytes, dtype)
+        else:
+            c = Candidate(key, tuple(diff.shape), squared_norm(diff),
+                          diff=diff.to(dtype).cpu())
+        del diff
+        total_energy += c.energy
+        candidates.append(c)
+        if sketch is not None:
+            pending.append((c, sketch))
+        advance(active.nbytes(key) * (2 if key in large and sketch is None else 1), c)
+
+    pending.sort(key=lambda item: -item[0].singular_values[0] ** 2 / item[0].rank_cost)
+    for index, (c, sketch) in enumerate(pending):
+        check_stop()
+        threshold = take_threshold(candidates, budget_bytes, element_size)
+        floor = math.sqrt(threshold * c.rank_cost * element_size)
+        diff = difference(c.key)
+        finished = factor_candidate(c.key, diff, budget_bytes, dtype, floor=floor, sketch=sketch, energy=c.energy)
+        del diff
+        c.singular_values, c.factors, c.diff = finished.singular_values, finished.factors, finished.diff
+        pending[index] = None  # its sketch's basis is no longer needed
+        advance(active.nbytes(c.key), c)
     return assemble(candidates, budget_bytes, dtype, total_energy, differing)
 
 
-def factor_candidate(key, diff, budget_bytes, dtype) -> Candidate:
+def as_matrix_shape(shape) -> tuple:
+    return (shape[0], math.prod(shape[1:]))
+
+
+def key_seed(key: str) -> int:
+    """The same seed for a tensor in every run (the same files give the same factors)."""
+    return zlib.crc32(key.encode())
+
+
+def rank_cap(c: "Candidate", budget_bytes: int, element_size: int) -> int:
+    """The most rank the budget (or MAX_RANK) could ever give this tensor."""
+    return min(MAX_RANK, c.shape[0], c.rank_cost - c.shape[0], budget_bytes // (c.rank_cost * element_size))
+
+
+def sketch_candidate(key, diff, budget_bytes, dtype):
+    """A large matrix's first look: (candidate, sketch). The candidate holds
+    the sketch's singular values, each at most the matrix's own (what
+    `take_threshold` needs to stay a lower bound); sketch is None where the
+    candidate is already final (the sketch held all of the difference, or
+    not even rank 1 fits)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    c = Candidate(key, tuple(diff.shape), squared_norm(diff))
+    cap = rank_cap(c, budget_bytes, element_size)
+    if cap <= 0:
+        c.singular_values = (0.0,)
+        return c, None
+    sketch = RangeSketch(as_matrix(diff).float(), key_seed(key), c.energy)
+    sketch.grow(min(SKETCH_WIDTH, cap + OVERSAMPLE))
+    if sketch.exhausted or sketch.width >= cap + OVERSAMPLE:
+        return factor_candidate(key, diff, budget_bytes, dtype, sketch=sketch), None
+    c.singular_values = tuple(float(v) for v in sketch.values) if float(sketch.values[0]) > 0 else (0.0,)
+    sketch.release()
+    return c, sketch
+
+
+def factor_candidate(key, diff, budget_bytes, dtype, floor: float = 0.0, sketch=None, energy=None) -> Candidate:
     """A factorable tensor's singular values and factors, up to the rank the
-    budget (or MAX_RANK) could ever give it. Its whole difference is kept
-    only where the allocation may copy it instead: where that rank's factors
-    cost as much as the copy (small layers)."""
+    budget (or MAX_RANK) could ever give it, and of a large matrix down to
+    about `floor` (continuing `sketch` where given). Its whole difference is
+    kept only where the allocation may copy it instead: where that rank's
+    factors cost as much as the copy (small layers). `energy`: ‖diff‖² where known."""
     shape = tuple(diff.shape)
     element_size = torch.empty((), dtype=dtype).element_size()
-    c = Candidate(key, shape, float(torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2))
-    cap = min(MAX_RANK, shape[0], c.rank_cost - shape[0], budget_bytes // (c.rank_cost * element_size))
+    c = Candidate(key, shape, squared_norm(diff) if energy is None else energy)
+    cap = rank_cap(c, budget_bytes, element_size)
     if cap <= 0:
         c.singular_values = (0.0,)  # factorable, but not even one rank fits
         return c
-    u, s, vh = truncated_svd(as_matrix(diff), cap)
+    u, s, vh = truncated_svd(as_matrix(diff), cap, key_seed(key), floor, sketch, c.energy)
     # Beyond the numerical rank a "singular value" is rounding noise: no byte goes there.
     significant = int((s > s[0] * max(shape[0], c.rank_cost) * torch.finfo(torch.float32).eps).sum()) if len(s) else 0
     u, s, vh = u[:, :significant], s[:significant], vh[:significant]
@@ -453,6 +732,10 @@ def file_tensors(lean: LeanFactors):
     factored = {module_prefix(k)[0] for k in lean.factors}
     for key, (up, down) in lean.factors.items():
         prefix = module_prefix(key)[0]
+        if is_embedding(prefix):  # no LoRA loader reaches an embedding table
+            tensors[f"{PG_LOWRANK}{key}.up"] = up.contiguous()
+            tensors[f"{PG_LOWRANK}{key}.down"] = down.contiguous()
+            continue
         name = lora_name(prefix) or "pg_" + prefix.replace(".", "_")
         names[name] = prefix
         shape = lean.shapes[key]
@@ -485,7 +768,8 @@ def write_lean_file(lean: LeanFactors, path: str, extra_metadata: dict = None):
             "captured_energy": lean.captured_energy, "differing_bytes": lean.differing_bytes,
             "dtype": str(lean.dtype).replace("torch.", ""), "names": names}
     metadata = {METADATA_KEY: json.dumps(info), "ss_network_module": "networks.lora",
-                "ss_network_dim": str(max([d.shape[0] for _, d in lean.factors.values()], default=0)),
+                "ss_network_dim": str(max([d.shape[0] for k, (_, d) in lean.factors.items()
+                                           if not is_embedding(module_prefix(k)[0])], default=0)),
                 "ss_comment": "Personalization Guidance lean weak weights: fine-tune minus base as LoRA factors"}
     metadata.update(extra_metadata or {})
     tmp = f"{path}.part"
@@ -521,6 +805,13 @@ def read_lean_file(path: str, device="cpu") -> LeanFactors:
         if key.startswith(PG_EXACT):
             lean.exact[key[len(PG_EXACT):]] = tensor
             continue
+        if key.startswith(PG_LOWRANK):
+            weight_key, _, part = key[len(PG_LOWRANK):].rpartition(".")
+            if part == "down":
+                up = tensors[f"{PG_LOWRANK}{weight_key}.up"]
+                lean.factors[weight_key] = (up, tensor)
+                lean.shapes[weight_key] = (up.shape[0], tensor.shape[1])
+            continue
         name, _, part = key.partition(".")
         prefix = names[name]
         if part == "diff":
@@ -543,7 +834,14 @@ def read_lean_file(path: str, device="cpu") -> LeanFactors:
 
 def low_rank_output(module, up, down, bias_diff):
     """x -> D·x for a layer's factored weight difference (and its bias
-    difference): what the weak rows subtract, scaled by 1 − ω."""
+    difference): what the weak rows subtract, scaled by 1 − ω. For an
+    embedding, x are token ids and D·x the rows of D they pick: up's rows
+    (tokens × rank) times down (rank × width)."""
+    if isinstance(module, torch.nn.Embedding):
+        def output(ids):
+            return F.embedding(ids, up) @ down
+
+        return output
     if isinstance(module, torch.nn.Conv2d):
         kernel = down.reshape(down.shape[0], *module.weight.shape[1:]) if down is not None else None
         up_kernel = up.reshape(up.shape[0], -1, 1, 1) if up is not None else None
@@ -569,6 +867,8 @@ def _correctable(module) -> bool:
     """Layers whose weak rows can take D·x added to the live output."""
     if isinstance(module, torch.nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros"
+    if type(module) is torch.nn.Embedding:  # a plain lookup: no norm clipping, no sparse gradients
+        return module.max_norm is None
     return type(module) is torch.nn.Linear
 
 

@@ -21,7 +21,7 @@ RANK = 2
 
 def low_rank_tune(base, rank=RANK, seed=3, scale=0.05):
     """A fine-tune whose difference has rank ≤ `rank` in every factorable
-    weight (UNet and text encoder); everything else unchanged."""
+    Linear/conv weight (UNet and text encoder); everything else unchanged."""
     import copy
 
     tuned = copy.deepcopy(base)
@@ -29,6 +29,8 @@ def low_rank_tune(base, rank=RANK, seed=3, scale=0.05):
     keys = set(base.state_dict())
     with torch.no_grad():
         for key, param in tuned.named_parameters():
+            if lowrank.is_embedding(lowrank.module_prefix(key)[0]):
+                continue
             if lowrank.is_weak_tensor(key, param.dtype) and lowrank.is_factorable(key, tuple(param.shape), keys):
                 rows, cols = param.shape[0], param[0].numel()
                 up = torch.randn(rows, rank, generator=g) * scale
@@ -51,7 +53,8 @@ def factor(active_path, base_path, budget, dtype=torch.float32):
 def rank_budget(model, rank, element_size=4):
     keys = set(model.state_dict())
     return sum(rank * (p.shape[0] + p[0].numel()) * element_size for k, p in model.state_dict().items()
-               if lowrank.is_weak_tensor(k, p.dtype) and lowrank.is_factorable(k, tuple(p.shape), keys))
+               if lowrank.is_weak_tensor(k, p.dtype) and lowrank.is_factorable(k, tuple(p.shape), keys)
+               and not lowrank.is_embedding(lowrank.module_prefix(k)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +136,107 @@ def test_budget_at_least_the_exact_copy_copies_every_difference_exactly(tmp_path
     assert not lean.factors and lean.differing_bytes == exact_bytes == lean.spent_bytes
     live, ref = tuned.state_dict(), base.state_dict()
     assert all(torch.equal(d, live[k] - ref[k]) for k, d in lean.exact.items())
+
+
+# -- large matrices: the randomized SVD and the two passes ---------------------------
+
+LARGE = lowrank.FULL_SVD_MAX_SIDE + 88  # above the exact-SVD size: the randomized path
+
+
+def with_spectrum(rows, cols, values, seed=0):
+    """A rows × cols matrix with exactly these singular values (random singular vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(values)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64)).Q
+    return ((u * torch.tensor(values, dtype=torch.float64)) @ v.T).float()
+
+
+@pytest.mark.parametrize("rank", [3, 40])  # within the first sketch; over several blocks
+def test_randomized_svd_reproduces_a_large_rank_r_matrix(rank):
+    matrix = with_spectrum(LARGE, 2 * LARGE, [1.0 / (i + 1) for i in range(rank)])
+    u, s, vh = lowrank.truncated_svd(matrix, 64)
+    assert len(s) >= rank
+    assert relative((u * s) @ vh, matrix) <= 1e-5
+
+
+def test_randomized_svd_stops_at_the_floor_and_finds_every_value_above_it():
+    true = [0.93 ** i for i in range(200)]
+    matrix = with_spectrum(LARGE, 2 * LARGE, true)
+    floor = true[40]
+    u, s, vh = lowrank.truncated_svd(matrix, 200, floor=floor)
+    assert len(s) < 100  # stopped near the floor, not at the rank asked for
+    assert len(s) >= sum(1 for v in true if v >= floor)
+    assert torch.allclose(s[:40].double(), torch.tensor(true[:40], dtype=torch.float64), rtol=0.02)
+    assert relative(u.T @ u, torch.eye(len(s))) <= 1e-5
+
+
+def large_pair(tmp_path, spectra, seed=0):
+    """Checkpoints whose UNet has one large Linear weight per spectrum (its
+    difference has exactly that spectrum), plus a bias each."""
+    g = torch.Generator().manual_seed(seed)
+    base, tuned = {}, {}
+    for i, values in enumerate(spectra):
+        key = f"model.diffusion_model.layer{i}"
+        w = torch.randn(LARGE, 2 * LARGE, generator=g) * 0.02
+        base[f"{key}.weight"], tuned[f"{key}.weight"] = w, w + with_spectrum(LARGE, 2 * LARGE, values, seed=seed + i)
+        base[f"{key}.bias"] = torch.zeros(LARGE)
+        tuned[f"{key}.bias"] = torch.randn(LARGE, generator=g) * 0.001
+    save_checkpoint(base, tmp_path / "base.safetensors")
+    save_checkpoint(tuned, tmp_path / "tuned.safetensors")
+    return str(tmp_path / "tuned.safetensors"), str(tmp_path / "base.safetensors"), base, tuned
+
+
+def test_two_passes_capture_what_full_spectra_would(tmp_path, monkeypatch):
+    """The second pass computes each large layer only down to what the budget
+    can still take: the allocation must capture what it would from every
+    layer's exact, full spectrum (within the sketch's accuracy), with fewer
+    sketch columns than factoring every layer to the rank cap."""
+    spectra = [[scale * decay ** i for i in range(300)] for scale, decay in ((1.0, 0.97), (0.6, 0.99), (0.3, 0.9), (0.8, 0.95))]
+    active_path, base_path, base, tuned = large_pair(tmp_path, spectra)
+    budget = 140 * (3 * LARGE) * 4  # 140 ranks in all
+    columns, grow = [], lowrank.RangeSketch.grow
+    monkeypatch.setattr(lowrank.RangeSketch, "grow", lambda self, width: columns.append(width) or grow(self, width))
+    lean = factor(active_path, base_path, budget)
+    cap = min(lowrank.MAX_RANK, budget // (3 * LARGE * 4))
+    # the first layer of the second pass goes to the cap (nothing bounds it yet), the others stop early
+    assert sum(columns) < 0.75 * len(spectra) * (cap + lowrank.OVERSAMPLE)
+    candidates = [candidate(f"model.diffusion_model.layer{i}.weight", values, (LARGE, 2 * LARGE))
+                  for i, values in enumerate(spectra)]
+    best = lowrank.allocate(candidates, budget, 4)
+    factored = {k: sum(float(v) ** 2 for v in torch.linalg.svdvals((up @ down).double())) for k, (up, down) in lean.factors.items()}
+    assert sum(factored.values()) >= 0.995 * best.captured_energy
+    assert lean.spent_bytes <= budget
+    for key, rank in best.ranks.items():
+        assert abs(lean.ranks().get(key, 0) - rank) <= 3, key
+    for key, (up, down) in lean.factors.items():  # the factors are the difference's own leading part
+        diff = (tuned[key] - base[key]).double()
+        approx = (up @ down).double()
+        assert float(torch.linalg.vector_norm(diff - approx) ** 2) <= 1.02 * (float(diff.norm() ** 2) - factored[key])
+
+
+def test_large_rank_r_pair_is_reproduced_and_progress_covers_both_passes(tmp_path):
+    spectra = [[1.0 / (i + 1) for i in range(rank)] for rank in (2, 12, 30)]
+    active_path, base_path, base, tuned = large_pair(tmp_path, spectra)
+    reports = []
+    with open_checkpoint(active_path) as a, open_checkpoint(base_path) as b:
+        lean = lowrank.factor_pair(a, b, 50 * (3 * LARGE) * 4, torch.float32, progress=lambda d, t: reports.append((d, t)))
+    assert lean.energy_share == pytest.approx(1.0, abs=1e-6)
+    for key, (up, down) in lean.factors.items():
+        assert relative(up.double() @ down.double(), (tuned[key] - base[key]).double()) <= 1e-5, key
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and reports[-1][0] == reports[-1][1]
+
+
+def test_stopping_in_the_second_pass_raises(tmp_path):
+    spectra = [[0.95 ** i for i in range(100)]] * 2
+    active_path, base_path, _, _ = large_pair(tmp_path, spectra)
+    reads = []
+    with open_checkpoint(active_path) as a, open_checkpoint(base_path) as b:
+        keys = lowrank.differing_keys(a, b)
+        with pytest.raises(lowrank.FactoringInterrupted):
+            lowrank.factor_pair(a, b, 10 * (3 * LARGE) * 4, torch.float32,
+                                should_stop=lambda: reads.append(1) or len(reads) > len(keys))
 
 
 # -- the budget ----------------------------------------------------------------------
@@ -259,6 +363,11 @@ def test_extract_refuses_missing_files_and_identical_models(low_rank_pair, capsy
     assert code == 2 and err.count("\n") == 1 and "required: BASE, -o/--out" in err
 
 
+def test_extract_help_prints(capsys):
+    code, _out, _err = run_cli("extract", "--help")
+    assert code == 0 and "--budget MIB" in capsys.readouterr().out
+
+
 # -- the file as an ordinary LoRA in webui ---------------------------------------------------
 
 def unet_and_text_outputs(model):
@@ -313,3 +422,70 @@ def test_file_loads_as_a_lora_on_the_base_through_webuis_lora_extension(tmp_path
     assert relative(got_text, expected_text) <= 1e-5
     assert relative(got_unet, expected_unet) <= 1e-5
     assert relative(plain_unet, expected_unet) > 1e-3
+
+
+# -- text encoders: an embedding table costs its factors, not a copy -----------------------------
+
+def trained_tokens(base, tokens=(7, 11, 42), scale=0.5, seed=5):
+    """A fine-tune that trained a few tokens' embeddings (DreamBooth with the
+    text encoder, a rare identifier token) and the UNet at low rank."""
+    tuned = low_rank_tune(base)
+    embedding = tuned.cond_stage_model.transformer.text_model.embeddings.token_embedding
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embedding.weight[list(tokens)] += scale * torch.randn(len(tokens), embedding.weight.shape[1], generator=g)
+    return tuned
+
+
+def weak_text(model, weak, omega):
+    """The text encoder's output on every row with the weak model's corrections (as PG computes
+    the weak negative conditioning: lib_pg/hosts/common/conditioning.py)."""
+    from lib_pg.routing import corrected_text_layers
+
+    te = model.cond_stage_model
+    with torch.no_grad(), corrected_text_layers(weak.text, omega):
+        return te(te.encode(["a photo of sks dog", ""]))
+
+
+def test_a_few_trained_tokens_are_factors_not_a_copy_of_the_table(tmp_path):
+    base = make_sd1("tiny", seed=0)
+    tuned = trained_tokens(base)
+    active_path, base_path = write_pair(tmp_path, base, tuned)
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    table = tuned.state_dict()[key]
+    table_bytes = table.numel() * table.element_size()
+    lean = factor(active_path, base_path, int(1.05 * rank_budget(base, RANK)) + table_bytes // 4)
+    assert key in lean.factors and key not in lean.exact
+    up, down = lean.factors[key]
+    assert down.shape[0] <= 3  # three trained rows: rank 3
+    expected = tuned.state_dict()[key].double() - base.state_dict()[key].double()
+    assert relative(up.double() @ down.double(), expected) <= 1e-5
+    weak = lowrank.build_lean_weak_model(tuned, lean, ("constant", 0.0))
+    held = sum(t.numel() * t.element_size() for t in lean.factors[key])
+    assert held < table_bytes / 10
+    for omega in (0.0, 0.5):
+        reference = interpolated_copy(base, tuned, omega) if omega else base
+        with torch.no_grad():
+            te = reference.cond_stage_model
+            expected_text = te(te.encode(["a photo of sks dog", ""]))
+        assert relative(weak_text(tuned, weak, omega), expected_text) <= 1e-5
+    assert relative(weak_text(tuned, weak, 1.0), weak_text(tuned, lowrank.build_lean_weak_model(tuned, lean, ("constant", 1.0)), 1.0)) == 0
+
+
+def test_embedding_factors_round_trip_through_the_file_under_pgs_own_keys(tmp_path):
+    base = make_sd1("tiny", seed=0)
+    tuned = trained_tokens(base)
+    active_path, base_path = write_pair(tmp_path, base, tuned)
+    lean = factor(active_path, base_path, int(1.05 * rank_budget(base, RANK)) + 2**16)
+    path = str(tmp_path / "lean.safetensors")
+    lowrank.write_lean_file(lean, path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith(lowrank.PG_LOWRANK) for k in keys)
+    assert not any("embedding" in k for k in keys if k.startswith("lora_"))  # no LoRA loader reaches them
+    read = lowrank.read_lean_file(path)
+    assert set(read.factors) == set(lean.factors) and set(read.exact) == set(lean.exact)
+    for key, (up, down) in lean.factors.items():
+        assert torch.equal(read.factors[key][0] @ read.factors[key][1], up @ down), key
