@@ -169,11 +169,15 @@ class LowRankDelta:
 
     `output(x)` is its contribution to the layer's output for input x and
     `weight()` the full weight delta it merges, both at its multiplier;
-    `nbytes` is the size of the network's own weights for this layer."""
+    `nbytes` is the size of the network's own weights for this layer, and
+    `held_bytes` the memory the correction itself holds beyond the host's
+    (0 on webui, which keeps the network's weights; the forks' factors are
+    copies in the layer's dtype)."""
 
     output: object
     weight: object
     nbytes: int
+    held_bytes: int = 0
 
 
 def layers_to_copy(corrections) -> set:
@@ -251,7 +255,7 @@ def check_compatible(live_shapes: dict, base_shapes: dict, base_name: str):
 
 def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, base_name: str = "base",
                      device_for=None, offsets=None, corrections=None, scope=None, scoped_modules=(),
-                     text_scope=None, live_state=None) -> WeakModel:
+                     text_scope=None, live_state=None, choose_copies=True) -> WeakModel:
     """Match the reference key by key against the live model and keep, for each
     module whose weights differ, what the weak branch needs.
 
@@ -261,7 +265,7 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     stripped). `corrections` maps a module (UNet or text encoder) to the
     `LowRankDelta`s of its stripped networks: the weak rows get (ω − 1)·ΣΔy
     added (no weight copy), except where `layers_to_copy` picks a copy of a
-    UNet layer instead. `scope(ω)` is a context the weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
+    UNet layer instead (unless `choose_copies` is False: the caller chose them). `scope(ω)` is a context the weak rows of every UNet layer run in, and `scoped_modules` the UNet modules
     that need routing for it even where no weight differs (networks applied in
     forward, whose multipliers the scope sets); `text_scope(ω)` likewise wraps
     the weak text encoder's call.
@@ -282,7 +286,7 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     prefixes = {id(module): key[: -len(name) - 1] for key, (module, name, _) in owners.items()}
     # Copies only pay off in the UNet, which runs every step: the text encoder
     # runs once per generation, so its layers always keep their corrections.
-    unet_corrections = {m: d for m, d in corrections.items() if prefixes[id(m)].startswith(UNET_PREFIX)}
+    unet_corrections = {m: d for m, d in corrections.items() if prefixes[id(m)].startswith(UNET_PREFIX) and choose_copies}
     with torch.no_grad():
         for module in layers_to_copy(unet_corrections):
             deltas = corrections.pop(module)
@@ -334,7 +338,8 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
     if not (constant and omega >= 1.0):
         for module, deltas in corrections.items():
             outputs = tuple(d.output for d in deltas)
-            layer = WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=outputs)
+            layer = WeakLayer(module, (), ref=(), fixed=(), fixed_omega=omega, corrections=outputs,
+                              correction_bytes=sum(d.held_bytes for d in deltas))
             (result.unet if prefixes[id(module)].startswith(UNET_PREFIX) else result.text).append(layer)
         routed = {id(layer.module) for layer in result.unet}
         for module in scoped_modules:

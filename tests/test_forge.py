@@ -298,8 +298,20 @@ def test_lora_strip_weak_branch_is_the_model_without_the_lora(forge_lora, monkey
     lora_checks.check_stripped_weak_branch_is_the_model_without_the_lora(forge_lora, monkeypatch)
 
 
-def test_lora_strip_weak_weights_are_the_lerp_of_reference_and_live(forge_lora):
-    lora_checks.check_weak_weights_are_the_lerp_of_reference_and_live(forge_lora)
+def test_lora_strip_weak_weights_are_the_lerp_of_reference_and_live(forge_lora, monkeypatch):
+    lora_checks.check_weak_weights_are_the_lerp_of_reference_and_live(forge_lora, monkeypatch)
+
+
+def test_lora_strip_corrections_are_the_forks_merged_delta(forge_lora):
+    lora_checks.check_corrections_are_the_forks_merged_delta(forge_lora)
+
+
+def test_lora_strip_corrected_weak_rows_equal_the_copy_path(forge_lora, monkeypatch):
+    lora_checks.check_corrected_weak_rows_equal_the_copy_path(forge_lora, monkeypatch)
+
+
+def test_lora_strip_corrections_cost_about_the_loras_size(forge_lora):
+    lora_checks.check_corrections_cost_about_the_loras_size(forge_lora)
 
 
 def test_base_with_loras_is_the_base_model_with_the_same_loras(forge_lora, monkeypatch):

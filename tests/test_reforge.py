@@ -329,8 +329,20 @@ def test_lora_strip_weak_branch_is_the_model_without_the_lora(reforge_lora, monk
     lora_checks.check_stripped_weak_branch_is_the_model_without_the_lora(reforge_lora, monkeypatch)
 
 
-def test_lora_strip_weak_weights_are_the_lerp_of_reference_and_live(reforge_lora):
-    lora_checks.check_weak_weights_are_the_lerp_of_reference_and_live(reforge_lora)
+def test_lora_strip_weak_weights_are_the_lerp_of_reference_and_live(reforge_lora, monkeypatch):
+    lora_checks.check_weak_weights_are_the_lerp_of_reference_and_live(reforge_lora, monkeypatch)
+
+
+def test_lora_strip_corrections_are_the_forks_merged_delta(reforge_lora):
+    lora_checks.check_corrections_are_the_forks_merged_delta(reforge_lora)
+
+
+def test_lora_strip_corrected_weak_rows_equal_the_copy_path(reforge_lora, monkeypatch):
+    lora_checks.check_corrected_weak_rows_equal_the_copy_path(reforge_lora, monkeypatch)
+
+
+def test_lora_strip_corrections_cost_about_the_loras_size(reforge_lora):
+    lora_checks.check_corrections_cost_about_the_loras_size(reforge_lora)
 
 
 def test_base_with_loras_is_the_base_model_with_the_same_loras(reforge_lora, monkeypatch):

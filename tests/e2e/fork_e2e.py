@@ -343,16 +343,22 @@ def test_lora_strip_omega_03_changes_the_image(fork, lora_off):
         guided.infotext
     by_name = timed("LoRA strip ω=0.3 (cached)", generate(fork, {"prompt": LORA_PROMPT, **strip(0.3, [LORA])}))
     assert by_name.pixels == guided.pixels and f"PG strip LoRAs: {LORA}" in by_name.infotext
+    with open(fork.log_path, encoding="utf-8", errors="replace") as f:
+        built = [line.strip() for line in f if "built weak model from the active model" in line]
+    assert built, "no weak-model build logged for the LoRA"
+    print(f"\n[pg-e2e-{FORK.name}] LoRA-mode weak weights: {built[-1]}")
 
 
 def test_lora_strip_weak_branch_is_the_model_without_the_lora(fork, lora):
     """ω = 0 at CFG Scale 0: the image is the weak branch alone, the fork's image of the prompt
-    without the LoRA: bit for bit when the unconditional chunk runs alone (a long negative
-    prompt); batched with the conditional chunk, within the kernels' batch-size rounding."""
+    without the LoRA: within float rounding (the layers a plain LoRA touches run the live weights
+    and subtract the LoRA's low-rank output, lib_pg/hosts/common/fork_loras.py low_rank_corrections;
+    bit for bit with the copy path before them) whether the unconditional chunk runs alone (a long
+    negative prompt) or batched with the conditional chunk."""
     guided = timed("LoRA strip ω=0 cfg 0", generate(fork, {**OWN_CALL, "prompt": LORA_PROMPT, **strip(0.0)}))
     without = generate(fork, OWN_CALL)
     with_lora = generate(fork, {**OWN_CALL, "prompt": LORA_PROMPT})
-    assert guided.pixels == without.pixels
+    assert max_difference(guided.pixels, without.pixels) <= 2
     assert max_difference(with_lora.pixels, without.pixels) > 10
     batched = generate(fork, {"cfg_scale": 0, "prompt": LORA_PROMPT, **strip(0.0)})
     batched_without = generate(fork, {"cfg_scale": 0})

@@ -25,11 +25,12 @@ from lib_pg.forks import TaggedGuidanceRun, place_like_live
 from lib_pg.guidance import UnroutedStep
 from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
-from lib_pg.hosts.common.fork_loras import originals_fingerprint, reference_weights, strips_anything, without_loras_state
+from lib_pg.hosts.common.fork_loras import (low_rank_corrections, originals_fingerprint, reference_weights, strips_anything,
+                                            without_loras_state)
 from lib_pg.hosts.common.frontend import KEY_SKIPPED, check_memory_budget, log, skipped_note
 from lib_pg.hosts.common.networks import network_file, stripped_networks
 from lib_pg.interop import carry_marks
-from lib_pg.weights import build_weak_model, live_parameters
+from lib_pg.weights import build_weak_model, layers_to_copy, live_parameters
 
 from modules import script_callbacks, shared  # noqa: E402
 
@@ -214,13 +215,22 @@ class ForkController(Controller):
                         # can round differently on unaligned memory, so ω = 0 would not be the base
                         # model bit for bit. A copy is freshly (aligned) allocated, like the live weights.
                         base_state[live_key] = base_state[live_key].clone()
-            live_state, ref_state = reference_weights(view, patchers, base_state)
+            # LoRA mode: layers that differ only by stripped plain LoRAs get low-rank corrections
+            # (no copy), as on webui; a base checkpoint keeps copies of every layer that differs.
+            corrections, corrected = low_rank_corrections(view, patchers) if base_info is None else ({}, {})
+            # The UNet layers where a copy costs least next to its correction get a copy, within
+            # twice the LoRAs' weights, as on webui; here that copy is the fork's own merge.
+            unet_modules = {id(module) for module in view.model.diffusion_model.modules()}
+            for module in layers_to_copy({m: d for m, d in corrections.items() if id(m) in unet_modules}):
+                del corrections[module], corrected[module]
+            live_state, ref_state = reference_weights(view, patchers, base_state, skip=set(corrected.values()))
             if base_state is None:
                 base_state = without_loras_state(view, live_state, ref_state)
             else:
                 base_state.update(ref_state)
             weak = build_weak_model(view, base_state, settings.omega_key,
-                                    base_name=base_info.title if base_info is not None else "", live_state=live_state)
+                                    base_name=base_info.title if base_info is not None else "", live_state=live_state,
+                                    corrections=corrections, choose_copies=False)
         except torch.cuda.OutOfMemoryError as error:
             raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
         except MemoryError:
@@ -235,6 +245,7 @@ class ForkController(Controller):
         if stripped:
             source += f" (LoRA {', '.join(net.name for net in stripped)} stripped)"
         log(f"built weak model from {source} in {time.perf_counter() - started:.2f} s: "
-            f"{len(weak.unet)} UNet and {len(weak.text)} text-encoder layers differ, "
+            f"{len(weak.unet)} UNet ({sum(1 for layer in weak.unet if layer.corrections_only)} low-rank) and "
+            f"{len(weak.text)} text-encoder layers ({sum(1 for layer in weak.text if layer.corrections_only)} low-rank) differ, "
             f"extra memory {weak.extra_bytes / 2**20:.1f} MiB")
         return weak
