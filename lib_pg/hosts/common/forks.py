@@ -27,7 +27,7 @@ from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
 from lib_pg.hosts.common.fork_loras import (low_rank_corrections, originals_fingerprint, reference_weights, strips_anything,
                                             without_loras_state)
-from lib_pg.hosts.common.frontend import KEY_SKIPPED, check_memory_budget, log, skipped_note
+from lib_pg.hosts.common.frontend import check_memory_budget, log, record_skipped
 from lib_pg.hosts.common.networks import network_file, stripped_networks
 from lib_pg.interop import carry_marks
 from lib_pg.weights import build_weak_model, layers_to_copy, live_parameters
@@ -160,11 +160,7 @@ class ForkController(Controller):
             finally:
                 self.active_run = None
                 script_callbacks.remove_callbacks_for_function(on_denoiser)
-        note = skipped_note(run.report, passes_without_pg)
-        if note:
-            p.extra_generation_params[KEY_SKIPPED] = note
-        else:
-            p.extra_generation_params.pop(KEY_SKIPPED, None)
+        record_skipped(p, run.report, passes_without_pg)
         return result
 
     # -- the weak weights -------------------------------------------------

@@ -116,6 +116,15 @@ def skipped_note(report, passes=()):
     return "; ".join(parts)
 
 
+def record_skipped(p, report, passes=()):
+    """Write the run's skipped note into p's infotext, or remove an earlier one."""
+    note = skipped_note(report, passes)
+    if note:
+        p.extra_generation_params[KEY_SKIPPED] = note
+    else:
+        p.extra_generation_params.pop(KEY_SKIPPED, None)
+
+
 def adetailer_without_pg(p):
     """ADetailer (Bing-su/adetailer) runs its inpainting passes with only the
     always-on scripts that its setting 'Script names to apply to ADetailer'

@@ -15,7 +15,7 @@ from lib_pg.guidance import GuidanceRun, UnroutedStep, live_version
 from lib_pg.hosts import UNSUPPORTED_HOST, unsupported_host
 from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
-from lib_pg.hosts.common.frontend import KEY_SKIPPED, check_memory_budget, log, memory_budget_bytes, skipped_note
+from lib_pg.hosts.common.frontend import check_memory_budget, log, memory_budget_bytes, record_skipped
 from lib_pg.hosts.common.lean import (GPU_MARGIN_BYTES, GPU_MARGIN_SHARE, WeightsPlan, active_file, factor_with_progress,
                                       lean_cache_path, lean_dtype, weights_plan)
 from lib_pg.hosts.webui.loras import finalize_lora_weights, lora_reference, network_signature, stripped_networks
@@ -83,11 +83,7 @@ class WebuiController(Controller):
             finally:
                 self.active_run = None
                 script_callbacks.remove_callbacks_for_function(on_denoiser)
-        note = skipped_note(run.report, passes_without_pg)
-        if note:
-            p.extra_generation_params[KEY_SKIPPED] = note
-        else:
-            p.extra_generation_params.pop(KEY_SKIPPED, None)
+        record_skipped(p, run.report, passes_without_pg)
         return result
 
     # -- the weak weights -------------------------------------------------
