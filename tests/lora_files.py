@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["write_kohya_lora", "write_lycoris", "LYCORIS_KINDS", "kohya_unet_name", "kohya_te_name",
-           "attention_targets", "resnet_targets", "norm_targets", "text_encoder_targets"]
+           "attention_targets", "resnet_targets", "norm_targets", "text_encoder_targets", "sdxl_layers"]
 
 LYCORIS_KINDS = ("loha", "lokr", "ia3", "oft", "boft", "oft_diag", "glora", "full", "norm")
 
@@ -182,6 +182,63 @@ def text_encoder_targets(model, norms=False):
     return paths
 
 
+class _ProjectionShape(nn.Module):
+    """Stands for one of q/k/v of a torch MultiheadAttention (one third of its in_proj_weight) when
+    a writer asks for a target's weight shape: kohya writes those as separate layers."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+        self.bias = None
+
+
+def sdxl_layers(model, unet=True, te1=True, te2=True, norms=False):
+    """{kohya name: (module path, module)} of an SDXL model's kohya targets, as kohya-ss sd-scripts
+    names them for SDXL: ``lora_unet_<compvis path>`` (every SpatialTransformer's attention and
+    feed-forward projections, proj_in/proj_out), ``lora_te1_text_model_encoder_layers_N_…``
+    (CLIP-L: self_attn q/k/v/out_proj, mlp fc1/fc2) and ``lora_te2_text_model_encoder_layers_N_…``
+    (OpenCLIP-bigG: the same HF names; q/k/v/out_proj are parts of one torch MultiheadAttention,
+    which webui's Lora extension merges through in_proj_weight and out_proj).  With norms: the text
+    encoders' layer norms instead of the projections (``norm`` networks)."""
+    inner = _inner(model)
+    out = {}
+    if unet:
+        dm = inner.model.diffusion_model
+        for prefix, st in _transformers(dm, mid=True):
+            paths = [f"{prefix}.norm"] if norms else [f"{prefix}.proj_in", f"{prefix}.proj_out"]
+            for b in range(len(st.transformer_blocks)):
+                layers = [f"norm{i}" for i in (1, 2, 3)] if norms else _ATTN_LAYERS
+                paths += [f"{prefix}.transformer_blocks.{b}.{layer}" for layer in layers]
+            for p in paths:
+                out["lora_unet_" + p.replace(".", "_")] = ("model.diffusion_model." + p, dm.get_submodule(p))
+    embedders = inner.conditioner.embedders
+    if te1:
+        clip_l = embedders[0]
+        for i, layer in enumerate(clip_l.transformer.text_model.encoder.layers):
+            base = f"transformer.text_model.encoder.layers.{i}"
+            children = ("layer_norm1", "layer_norm2") if norms else ("self_attn.q_proj", "self_attn.k_proj",
+                                                                   "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+            for c in children:
+                out[f"lora_te1_text_model_encoder_layers_{i}_{c.replace('.', '_')}"] = (
+                    f"conditioner.embedders.0.{base}.{c}", clip_l.get_submodule(f"{base}.{c}"))
+    if te2:
+        clip_g = embedders[1]
+        for i, block in enumerate(clip_g.model.transformer.resblocks):
+            base = f"model.transformer.resblocks.{i}"
+            name = f"lora_te2_text_model_encoder_layers_{i}"
+            path = f"conditioner.embedders.1.{base}"
+            if norms:
+                out[f"{name}_layer_norm1"] = (f"{path}.ln_1", block.ln_1)
+                out[f"{name}_layer_norm2"] = (f"{path}.ln_2", block.ln_2)
+                continue
+            for part, weight in zip("qkv", block.attn.in_proj_weight.chunk(3, 0)):
+                out[f"{name}_self_attn_{part}_proj"] = (f"{path}.attn.in_proj_weight[{part}]", _ProjectionShape(weight))
+            out[f"{name}_self_attn_out_proj"] = (f"{path}.attn.out_proj", block.attn.out_proj)
+            out[f"{name}_mlp_fc1"] = (f"{path}.mlp.c_fc", block.mlp.c_fc)
+            out[f"{name}_mlp_fc2"] = (f"{path}.mlp.c_proj", block.mlp.c_proj)
+    return dict(sorted(out.items()))
+
+
 def _collect(model, unet_paths, te_paths):
     """{kohya name: (full module path, module)} sorted by kohya name"""
     inner = _inner(model)
@@ -220,15 +277,17 @@ def _dora_scale(weight, g):
 
 
 def write_kohya_lora(path, model, rank=4, seed=0, text_encoder=True, alpha=None, conv=False, mid=False, dora=False,
-                     cp=False, metadata=None):
+                     cp=False, metadata=None, layers=None):
     """A kohya-ss LoRA (LoCon with conv=True) for ``model`` at ``path``.
 
     Keys "<name>.lora_down.weight" / ".lora_up.weight" (+ ".alpha" when alpha is given, else no alpha:
     scale 1; + ".dora_scale" with dora; + ".lora_mid.weight" for 3x3 convs with cp, LyCORIS CP-LoCon).
     Targets: attention_targets(mid) [+ resnet_targets(mid) with conv] [+ text_encoder_targets with
-    text_encoder].  Returns targets {kohya name: module path}."""
-    unet_paths = attention_targets(model, mid) + (resnet_targets(model, mid) if conv else [])
-    layers = _collect(model, unet_paths, text_encoder_targets(model) if text_encoder else [])
+    text_encoder], or ``layers`` ({kohya name: (path, module)}, e.g. sdxl_layers()).  Returns targets
+    {kohya name: module path}."""
+    if layers is None:
+        unet_paths = attention_targets(model, mid) + (resnet_targets(model, mid) if conv else [])
+        layers = _collect(model, unet_paths, text_encoder_targets(model) if text_encoder else [])
     g = torch.Generator().manual_seed(seed)
     std = math.sqrt(0.01 / math.sqrt(rank))  # up @ down elements ~ N(0, 0.01^2)
     tensors = {}
@@ -257,7 +316,7 @@ def write_kohya_lora(path, model, rank=4, seed=0, text_encoder=True, alpha=None,
 
 
 def write_lycoris(path, model, kind, seed=0, rank=4, text_encoder=True, conv=False, mid=False, alpha=None,
-                  cp=False, metadata=None):
+                  cp=False, metadata=None, layers=None):
     """A LyCORIS file of ``kind`` for ``model`` at ``path``; returns targets {kohya name: module path}.
 
     loha:  hada_w1_a/_b, hada_w2_a/_b, alpha (default rank); cp=True adds hada_t1/t2 on 3x3 convs
@@ -269,13 +328,16 @@ def write_lycoris(path, model, kind, seed=0, rank=4, text_encoder=True, conv=Fal
     glora: a1/a2/b1/b2.weight, alpha (default rank); Linear layers only
     full:  diff (+ diff_b for layers with a bias)
     norm:  w_norm, b_norm on GroupNorm/LayerNorm (transformer norms; ResBlock norms with conv; TE layer norms)
-    Layers: attention_targets(mid) [+ resnet_targets(mid) with conv] [+ text encoder], filtered to
-    what the kind supports."""
+    Layers: attention_targets(mid) [+ resnet_targets(mid) with conv] [+ text encoder], or ``layers``
+    ({kohya name: (path, module)}, e.g. sdxl_layers()), filtered to what the kind supports."""
     if kind not in LYCORIS_KINDS:
         raise ValueError(f"unknown LyCORIS kind {kind!r} (one of {LYCORIS_KINDS})")
     if kind in ("ia3", "glora") and conv:
         raise ValueError(f"{kind}: webui supports it on Linear layers only")
-    if kind == "norm":
+    if layers is not None:
+        if kind == "ia3":
+            layers = {k: v for k, v in layers.items() if k.endswith(("to_k", "to_v", "ff_net_2", "k_proj", "v_proj", "mlp_fc2"))}
+    elif kind == "norm":
         unet_paths = norm_targets(model, mid, resnets=conv)
         te_paths = text_encoder_targets(model, norms=True) if text_encoder else []
     else:
@@ -285,9 +347,10 @@ def write_lycoris(path, model, kind, seed=0, rank=4, text_encoder=True, conv=Fal
             keep = ("to_k", "to_v", "ff.net.2", "k_proj", "v_proj", "mlp.fc2")
             unet_paths = [p for p in unet_paths if p.endswith(keep)]
             te_paths = [p for p in te_paths if p.endswith(keep)]
-    layers = _collect(model, unet_paths, te_paths)
+    if layers is None:
+        layers = _collect(model, unet_paths, te_paths)
     if kind == "glora":
-        layers = {k: v for k, v in layers.items() if isinstance(v[1], nn.Linear)}
+        layers = {k: v for k, v in layers.items() if isinstance(v[1], (nn.Linear, _ProjectionShape))}
 
     g = torch.Generator().manual_seed(seed)
     a = float(rank if alpha is None else alpha)
