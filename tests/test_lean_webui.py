@@ -165,3 +165,14 @@ def test_xyz_weights_axis_sets_mode_and_budget(env):
     p = P()
     axis.apply(p, "lean 8", None)
     assert getattr(p, frontend.XYZ_OVERRIDES) == {"weights": "lean", "lean_budget_mb": 8.0}
+
+
+def test_a_budget_under_one_mib_reads_as_a_size_and_pastes_back():
+    """Tiny models' lean budgets are well under 1 MiB: the infotext and console say how much
+    ("low-rank 0.0763 MiB"), not "low-rank 0 MiB", and paste-back reads the same budget."""
+    assert frontend.mib_text(80_000) == "0.0763"
+    assert frontend.mib_text(0.5 * 2**20) == "0.5"
+    assert frontend.mib_text(4 * 2**20) == "4"
+    assert frontend.mib_text(136.4 * 2**20) == "136"
+    mode, budget = frontend.weights_from_infotext(f"low-rank {frontend.mib_text(80_000)} MiB, 62 %")
+    assert mode == "lean" and budget == pytest.approx(80_000 / 2**20, rel=1e-3)

@@ -62,6 +62,13 @@ def check_memory_budget(weak):
                       f"{budget / 2**20:.0f} MiB (Settings → Personalization Guidance; or lean weights with a smaller budget)")
 
 
+def mib_text(nbytes):
+    """A size in MiB that still says something below 1 MiB: whole MiB from 10 MiB up, else three
+    significant digits ("0.0781"); `weights_from_infotext` reads either back."""
+    mib = nbytes / 2**20
+    return f"{mib:.0f}" if mib >= 10 else f"{mib:.3g}"
+
+
 def weights_from_infotext(text):
     """(weights mode, lean budget MiB) of a "PG weights" infotext value: "exact",
     "low-rank 256 MiB, 91 %"; absent: automatic."""

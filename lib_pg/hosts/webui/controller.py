@@ -15,7 +15,7 @@ from lib_pg.guidance import GuidanceRun, UnroutedStep, live_version
 from lib_pg.hosts import UNSUPPORTED_HOST, unsupported_host
 from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
-from lib_pg.hosts.common.frontend import check_memory_budget, log, memory_budget_bytes, record_skipped
+from lib_pg.hosts.common.frontend import check_memory_budget, log, memory_budget_bytes, mib_text, record_skipped
 from lib_pg.hosts.common.lean import (GPU_MARGIN_BYTES, GPU_MARGIN_SHARE, WeightsPlan, active_file, factor_with_progress,
                                       lean_cache_path, lean_dtype, weights_plan)
 from lib_pg.hosts.webui.loras import finalize_lora_weights, lora_reference, network_signature, stripped_networks
@@ -198,10 +198,10 @@ class WebuiController(Controller):
             except OSError as error:
                 how += f" (not cached: {error})"
         weak = lowrank.build_lean_weak_model(model, lean, settings.omega_key, device_for=device_for)
-        weak.description = f"low-rank {plan.lean_budget / 2**20:.0f} MiB, {100 * lean.energy_share:.0f} %"
+        weak.description = f"low-rank {mib_text(plan.lean_budget)} MiB, {100 * lean.energy_share:.0f} %"
         log(f"lean weak weights from {base_info.title}: {len(lean.factors)} layers low-rank, {len(lean.exact)} tensors "
-            f"exact, {weak.extra_bytes / 2**20:.1f} MiB of a {plan.lean_budget / 2**20:.0f} MiB budget (exact copy: "
-            f"{lean.differing_bytes / 2**20:.0f} MiB), {100 * lean.energy_share:.1f} % of the difference's energy; {how}")
+            f"exact, {mib_text(weak.extra_bytes)} MiB of a {mib_text(plan.lean_budget)} MiB budget (exact copy: "
+            f"{mib_text(lean.differing_bytes)} MiB), {100 * lean.energy_share:.1f} % of the difference's energy; {how}")
         return weak
 
 
