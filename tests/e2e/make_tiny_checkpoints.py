@@ -206,7 +206,7 @@ def save_sorted_safetensors(state_dict, path):
     header, blobs, offset = {}, [], 0
     for k in sorted(state_dict):
         t = state_dict[k].detach().cpu().contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[k] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
