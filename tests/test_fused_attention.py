@@ -37,6 +37,8 @@ KINDS = {
     "lokr": (write_lycoris, dict(kind="lokr")),
     "full": (write_lycoris, dict(kind="full")),
     "oft": (write_lycoris, dict(kind="oft")),
+    "boft": (write_lycoris, dict(kind="boft")),
+    "ia3": (write_lycoris, dict(kind="ia3")),  # k/v only: webui merges no part of the fused attention
     "glora": (write_lycoris, dict(kind="glora")),
     "norm": (write_lycoris, dict(kind="norm")),  # with layers=sdxl_layers(norms=True)
 }

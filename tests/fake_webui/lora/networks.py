@@ -1,4 +1,8 @@
-"""Fake of webui 1.10.1 extensions-builtin/Lora/networks.py: the registry of networks on disk,
+"""Fake of webui 1.10.1 extensions-builtin/Lora/networks.py (CoderBotics-ai/stable-diffusion-webui @
+82a973c0; the MultiheadAttention paths checked against it for issue 15: load_network's re_x_proj
+match of q/k/v onto the attention, network_apply_weights' fused branch (q/k/v from the chunks of
+in_proj_weight, out_proj and its ex_bias, tuple backups), network_MultiheadAttention_forward merging
+in both modes, out_proj's own forward never called by the attention): the registry of networks on disk,
 loading a LoRA/LyCORIS file into per-layer network modules, and applying the loaded networks to
 torch layers, merged into the weights (default) or in the forward (opts.lora_functional).
 
