@@ -64,3 +64,13 @@ def test_neo_is_detected_as_neo(fork):
 def test_fast_refiner_swap_is_refused_by_name(fork):
     expect_error(fork, {**pg(omega=0.3), "refiner_checkpoint": BASE, "refiner_switch_at": 0.5,
                         "override_settings": {"refiner_fast_sd": True}}, "fast refiner swap")
+
+
+def test_the_xyz_plot_lists_the_pg_axes(fork):
+    """Neo builds the scripts' UIs (xyz_grid's axis list) when the API starts: the [PG] axes must be
+    there then (registered when webui instantiates PG's script)."""
+    status, info = fork_e2e.h.request(fork.url, "GET", "/sdapi/v1/script-info")
+    assert status == 200, info
+    entry = next(e for e in info if e["name"] == "x/y/z plot" and not e["is_img2img"])
+    x_type = next(a for a in entry["args"] if a["label"] == "X type")
+    assert {"[PG] Enabled", "[PG] ω", "[PG] Base checkpoint", "[PG] Strip LoRAs"} <= set(x_type["choices"]), x_type["choices"]

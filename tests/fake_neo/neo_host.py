@@ -124,6 +124,35 @@ def install(sd_model, monkeypatch, engine_name="StableDiffusion", networks=None)
 
     d["get_learned_conditioning"] = get_learned_conditioning
     monkeypatch.setattr(sd_model, "__class__", type(engine_name, (type(sd_model),), {}))
+    # modules/prompt_parser.py get_learned_conditioning(model, prompts, steps, hires_steps=None) (Neo :163):
+    # Neo dropped the use_old_scheduling argument and its option
+    monkeypatch.delitem(shared.opts.data, "use_old_scheduling", raising=False)
+    monkeypatch.delitem(shared.opts.data_labels, "use_old_scheduling", raising=False)
+    learned_conditioning = prompt_parser.get_learned_conditioning
+
+    def neo_learned_conditioning(model, prompts, steps, hires_steps=None):
+        return learned_conditioning(model, prompts, steps, hires_steps)
+
+    def neo_multicond_learned_conditioning(model, prompts, steps, hires_steps=None):  # prompt_parser.py :252
+        res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
+        learned = learned_conditioning(model, flat, steps, hires_steps)
+        batch = [[prompt_parser.ComposableScheduledPromptConditioning(learned[i], weight) for i, weight in entry] for entry in res_indexes]
+        return prompt_parser.MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
+
+    def neo_get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        # modules/processing.py StableDiffusionProcessing.get_conds_with_caching (Neo :431-459): no old scheduling
+        key = self.cached_params(required_prompts, steps, extra_network_data, hires_steps)
+        for cache in caches:
+            if cache[0] is not None and cache[0] == key:
+                return cache[1]
+        cache = caches[0]
+        cache[1] = function(shared.sd_model, required_prompts, steps, hires_steps)
+        cache[0] = key
+        return cache[1]
+
+    monkeypatch.setattr(prompt_parser, "get_learned_conditioning", neo_learned_conditioning)
+    monkeypatch.setattr(prompt_parser, "get_multicond_learned_conditioning", neo_multicond_learned_conditioning)
+    monkeypatch.setattr(processing.StableDiffusionProcessing, "get_conds_with_caching", neo_get_conds_with_caching)
     monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", neo_forward)
     sample_with_sigmas = sd_samplers_common.FakeEulerSampler.sample_with_sigmas
 
