@@ -3,6 +3,9 @@
 UI and webui lifecycle only; the work happens in lib_pg, through the host's folder in lib_pg/hosts.
 """
 
+import os
+import sys
+
 from modules import script_callbacks, scripts
 
 from lib_pg import hosts
@@ -171,25 +174,34 @@ def _xyz_confirm_bases(_p, values):
             raise RuntimeError(f"Unknown base checkpoint for [PG] Base checkpoint: {value}")
 
 
-def make_axis_options(xyz_grid):
-    """[PG] axes for webui's built-in XYZ plot (scripts/xyz_grid.py), whose
-    AxisOption(label, type, apply, format_value, confirm, cost, choices) the
-    grid uses as is. ω and base cost more than 0 so that grids iterate them in
-    the outer loop: the weak weights are rebuilt once per distinct value."""
+def _xyz_enabled_choices():
+    return ["False", "True"]
+
+
+def _xyz_base_name(_p, _opt, value):
+    """A base checkpoint's cell label: its file name without the folder."""
+    return os.path.basename(str(value))
+
+
+def make_axis_options(axis_option):
+    """[PG] axes for the X/Y/Z plot, built with its own AxisOption(label, type, apply,
+    format_value, confirm, cost, choices) class; the grid uses them as is. Only that class is
+    taken from the host (its helpers moved between hosts: webui's scripts/xyz_grid.py has
+    them, Forge Classic's lib_xyz package others). ω and base cost more than 0 so that grids
+    iterate them in the outer loop: the weak weights are rebuilt once per distinct value."""
     from modules import sd_models
 
     checkpoints = lambda: sorted(sd_models.checkpoints_list, key=str.casefold)  # noqa: E731
     return [
-        xyz_grid.AxisOption("[PG] Enabled", str, _xyz_apply("enabled", lambda x: x == "True"),
-                            choices=xyz_grid.boolean_choice(reverse=True)),
-        xyz_grid.AxisOption("[PG] ω", float, _xyz_apply("omega"), cost=0.4),
-        xyz_grid.AxisOption("[PG] ω end", float, _xyz_apply("omega_end"), cost=0.3),
-        xyz_grid.AxisOption("[PG] Base checkpoint", str, _xyz_apply("base"), format_value=xyz_grid.format_remove_path,
-                            confirm=_xyz_confirm_bases, cost=0.8, choices=checkpoints),
-        xyz_grid.AxisOption("[PG] Weak prompt", str, _xyz_apply("weak_prompt"), choices=lambda: list(pg_settings.WEAK_PROMPTS)),
-        xyz_grid.AxisOption("[PG] Strip LoRAs", str, _xyz_apply("strip_loras"), cost=0.4),
-        xyz_grid.AxisOption("[PG] Weights", str, _xyz_apply_weights, confirm=_xyz_confirm_weights, cost=0.6,
-                            choices=lambda: ["auto", "exact", "lean"]),
+        axis_option("[PG] Enabled", str, _xyz_apply("enabled", lambda x: x == "True"), choices=_xyz_enabled_choices),
+        axis_option("[PG] ω", float, _xyz_apply("omega"), cost=0.4),
+        axis_option("[PG] ω end", float, _xyz_apply("omega_end"), cost=0.3),
+        axis_option("[PG] Base checkpoint", str, _xyz_apply("base"), format_value=_xyz_base_name,
+                    confirm=_xyz_confirm_bases, cost=0.8, choices=checkpoints),
+        axis_option("[PG] Weak prompt", str, _xyz_apply("weak_prompt"), choices=lambda: list(pg_settings.WEAK_PROMPTS)),
+        axis_option("[PG] Strip LoRAs", str, _xyz_apply("strip_loras"), cost=0.4),
+        axis_option("[PG] Weights", str, _xyz_apply_weights, confirm=_xyz_confirm_weights, cost=0.6,
+                    choices=lambda: ["auto", "exact", "lean"]),
     ]
 
 
@@ -208,12 +220,33 @@ def _xyz_confirm_weights(_p, values):
             raise RuntimeError(f"[PG] Weights: {error}") from None
 
 
+def _xyz_axis_option(xyz_grid):
+    """The X/Y/Z script's AxisOption class: in its module (webui, Forge, reForge, Neo, and
+    Classic, which imports it there from lib_xyz.classes), else in Classic's lib_xyz."""
+    axis_option = getattr(xyz_grid, "AxisOption", None)
+    if axis_option is None:
+        classes = sys.modules.get("lib_xyz.classes")
+        axis_option = getattr(classes, "AxisOption", None)
+    return axis_option
+
+
 def _register_xyz_axes():
-    xyz_grid = next((data.module for data in scripts.scripts_data if data.script_class.__module__ == "xyz_grid.py"), None)
-    if xyz_grid is None:
-        return
-    present = {option.label for option in xyz_grid.axis_options}
-    xyz_grid.axis_options.extend(o for o in make_axis_options(xyz_grid) if o.label not in present)
+    """Add the [PG] axes to the X/Y/Z script's list, if the host has that script. Never raises:
+    a host whose XYZ script PG does not recognise loses the axes, not PG (this runs while webui
+    loads the scripts)."""
+    try:
+        xyz_grid = next((data.module for data in scripts.scripts_data if data.script_class.__module__ == "xyz_grid.py"), None)
+        if xyz_grid is None:
+            return
+        axis_options = getattr(xyz_grid, "axis_options", None)
+        axis_option = _xyz_axis_option(xyz_grid)
+        if axis_options is None or axis_option is None:
+            frontend.log("this webui's X/Y/Z plot script has no axis_options / AxisOption where PG looks: the [PG] axes are not added")
+            return
+        present = {option.label for option in axis_options}
+        axis_options.extend(o for o in make_axis_options(axis_option) if o.label not in present)
+    except Exception as error:  # noqa: BLE001 (webui's script loading must go on)
+        frontend.log(f"Error: the [PG] X/Y/Z axes could not be added ({type(error).__name__}: {error}); PG itself works")
 
 
 # -- Settings ---------------------------------------------------------------

@@ -48,9 +48,10 @@ def test_the_core_imports_no_host(path):
 # the front end every host shares (`modules`); never another host's folder.
 ALLOWED = {
     "common": ({"modules"}, set()),
-    "webui": ({"modules"}, {"forge", "reforge"}),
-    "forge": ({"modules", "backend"}, {"webui", "reforge"}),
-    "reforge": ({"modules", "ldm_patched", "modules_forge"}, {"webui", "forge"}),
+    "webui": ({"modules"}, {"forge", "reforge", "neo"}),
+    "forge": ({"modules", "backend"}, {"webui", "reforge", "neo"}),
+    "reforge": ({"modules", "ldm_patched", "modules_forge"}, {"webui", "forge", "neo"}),
+    "neo": ({"modules", "backend"}, {"webui", "forge", "reforge"}),
 }
 
 

@@ -154,7 +154,7 @@ def test_controls_api_forms_paste_back_and_xyz(env):
 def test_xyz_weights_axis_sets_mode_and_budget(env):
     import xyz_grid_fake  # noqa: PLC0415 (tests/fake_webui)
 
-    axis = next(o for o in env.script_module.make_axis_options(xyz_grid_fake) if o.label == "[PG] Weights")
+    axis = next(o for o in env.script_module.make_axis_options(xyz_grid_fake.AxisOption) if o.label == "[PG] Weights")
     axis.confirm(None, ["auto", "exact", "lean 8"])
     with pytest.raises(RuntimeError, match=r"\[PG\] Weights"):
         axis.confirm(None, ["lean lots"])

@@ -1,4 +1,4 @@
-"""End-to-end tests shared by the Forge-family hosts (test_reforge_e2e.py, test_forge_e2e.py).
+"""End-to-end tests shared by the Forge-family hosts (test_reforge_e2e.py, test_forge_e2e.py, test_neo_e2e.py).
 
 The thin test modules set FORK (the host's name, its install path and python from the
 environment) and import every test and fixture from here. Each run generates a random full-size
@@ -31,6 +31,14 @@ class Fork:
         self.path = os.environ.get(path_var)
         self.python = os.environ.get(python_var) or (os.path.join(self.path, "venv", "bin", "python") if self.path else None)
         self.packages = packages
+        # make_sd15_checkpoints.py needs ldm (and what it imports): the fork's repositories/ by
+        # default; FORK_GENERATOR_PYTHON / FORK_REPOS name another install's for a fork without ldm.
+        self.generator_python = os.environ.get("FORK_GENERATOR_PYTHON") or self.python
+        self.repositories = os.environ.get("FORK_REPOS") or (os.path.join(self.path, "repositories") if self.path else None)
+
+    def launch_args(self, checkpoint_path, port):
+        """The launch.py arguments that start the fork API-only on the CPU with this checkpoint active."""
+        return [*FLAGS, "--server-name", "127.0.0.1", "--port", str(port), "--ckpt", checkpoint_path]
 
     def skip_reason(self):
         if not self.path:
@@ -95,8 +103,7 @@ class ForkServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(FORK.path, f"pg-e2e-{FORK.name.lower()}-{self.port}.log")
         ckpt = os.path.join(FORK.path, "models", "Stable-diffusion", checkpoint + ".safetensors")
-        self.command = [FORK.python, "launch.py", *FLAGS, "--server-name", "127.0.0.1", "--port", str(self.port), "--ckpt", ckpt,
-                        *shlex.split(os.environ.get("FORK_EXTRA_ARGS", ""))]
+        self.command = [FORK.python, "launch.py", *FORK.launch_args(ckpt, self.port), *shlex.split(os.environ.get("FORK_EXTRA_ARGS", ""))]
         self.process = None
 
     def start(self, timeout=600):
@@ -164,8 +171,7 @@ def fork(request):
     started = time.perf_counter()
     failures_before = request.session.testsfailed
     models = os.path.join(FORK.path, "models", "Stable-diffusion")
-    repos = os.path.join(FORK.path, "repositories")
-    out = subprocess.run([FORK.python, GENERATOR, models, "--repos", repos], cwd=FORK.path,
+    out = subprocess.run([FORK.generator_python, GENERATOR, models, "--repos", FORK.repositories], cwd=FORK.path,
                          env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:]

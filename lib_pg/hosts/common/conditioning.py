@@ -48,6 +48,8 @@ class WeakConditioning:
         swaps = text_encoder_swaps(self.weak.text, omega) if weak_text else ()
         corrected = corrected_text_layers(self.weak.text, omega) if weak_text else nullcontext()
         scope = self.weak.text_scope(omega) if self.weak.text_scope is not None and weak_text else nullcontext()
+        # webui 1.8+ and Forge/reForge pass the "old scheduling" option; Forge Neo removed it (and the argument)
+        old_scheduling = getattr(shared.opts, "use_old_scheduling", None)
+        extra = () if old_scheduling is None else (old_scheduling,)
         with swapped_parameters(swaps), corrected, scope, devices.autocast():
-            return prompt_parser.get_learned_conditioning(self.model, conditioning, p.firstpass_steps, hires_steps,
-                                                          shared.opts.use_old_scheduling)
+            return prompt_parser.get_learned_conditioning(self.model, conditioning, p.firstpass_steps, hires_steps, *extra)

@@ -1,0 +1,76 @@
+"""End-to-end: the extension inside a real Forge Neo, driven through its HTTP API (tests in fork_e2e.py,
+plus Neo's own refusals below).
+
+Runs only when NEO_PATH names a Neo install (its `webui/` folder; NEO_PYTHON: its python, default
+$NEO_PATH/venv/bin/python); CI has none, so the module is skipped there. One fork per pytest run:
+
+    NEO_PATH=/path/to/neo/webui NEO_PYTHON=/path/to/venv/bin/python python -m pytest -q tests/e2e/test_neo_e2e.py -s
+
+Neo has no ldm: the random SD 1.5 pair is generated with another install's python and repositories/
+(FORK_GENERATOR_PYTHON, FORK_REPOS: reForge's or webui's), or placed in $NEO_PATH/models/Stable-diffusion
+beforehand. Neo starts with `--cpu` (no `--always-cpu`) and has no `--ckpt`: the active checkpoint is set
+in a settings file of this run's own (`--ui-settings-file`), which also carries Neo's "VERSION_UID"
+(without it Neo waits for Enter at start-up).
+"""
+
+import json
+import os
+import re
+
+import pytest
+
+from . import fork_e2e
+
+if fork_e2e.FORK is not None and fork_e2e.FORK.name != "Forge Neo":
+    pytest.skip(f"this run tests {fork_e2e.FORK.name}; run Neo's end-to-end tests in a pytest run of their own", allow_module_level=True)
+
+
+class NeoFork(fork_e2e.Fork):
+    def launch_args(self, checkpoint_path, port):
+        settings = os.path.join(self.path, "pg-e2e-neo-settings.json")  # this run's own; rewritten by the next
+        with open(settings, "w") as f:
+            json.dump({"VERSION_UID": version_uid(self.path), "sd_model_checkpoint": os.path.basename(checkpoint_path),
+                       "live_previews_enable": False}, f)
+        flags = [flag for flag in fork_e2e.FLAGS if flag not in ("--always-cpu", "--no-download-sd-model")]
+        return [*flags, "--cpu", "--server-name", "127.0.0.1", "--port", str(port), "--ui-settings-file", settings]
+
+
+def version_uid(path):
+    """Neo's settings version (modules/launch_utils.py VERSION_UID): a settings file without it makes
+    Neo ask for Enter at start-up."""
+    with open(os.path.join(path, "modules", "launch_utils.py"), encoding="utf-8") as f:
+        found = re.search(r'VERSION_UID\s*(?::\s*\w+\[?\w*\]?)?\s*=\s*"([^"]+)"', f.read())
+    return found.group(1) if found else "PY313"
+
+
+fork_e2e.FORK = NeoFork("Forge Neo", "NEO_PATH", "NEO_PYTHON", ("backend", "modules_forge"))
+_SKIP = fork_e2e.FORK.skip_reason()
+if _SKIP:
+    fork_e2e.FORK = None
+    pytest.skip(_SKIP, allow_module_level=True)
+
+from .fork_e2e import *  # noqa: E402,F401,F403 (the shared tests and fixtures)
+from .fork_e2e import BASE, expect_error, pg  # noqa: E402
+
+
+def test_neo_is_detected_as_neo(fork):
+    with open(fork.log_path, encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    assert "'UnetPatcher' object has no attribute" not in log
+    status, body, _ = fork_e2e.call(fork, pg(omega=0.3, base="no-such-model"))
+    assert status >= 400 and "unknown base checkpoint" in json.dumps(body)
+
+
+def test_fast_refiner_swap_is_refused_by_name(fork):
+    expect_error(fork, {**pg(omega=0.3), "refiner_checkpoint": BASE, "refiner_switch_at": 0.5,
+                        "override_settings": {"refiner_fast_sd": True}}, "fast refiner swap")
+
+
+def test_the_xyz_plot_lists_the_pg_axes(fork):
+    """Neo builds the scripts' UIs (xyz_grid's axis list) when the API starts: the [PG] axes must be
+    there then (registered when webui instantiates PG's script)."""
+    status, info = fork_e2e.h.request(fork.url, "GET", "/sdapi/v1/script-info")
+    assert status == 200, info
+    entry = next(e for e in info if e["name"] == "x/y/z plot" and not e["is_img2img"])
+    x_type = next(a for a in entry["args"] if a["label"] == "X type")
+    assert {"[PG] Enabled", "[PG] ω", "[PG] Base checkpoint", "[PG] Strip LoRAs"} <= set(x_type["choices"]), x_type["choices"]
