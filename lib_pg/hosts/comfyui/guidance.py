@@ -34,7 +34,7 @@ from lib_pg.errors import PGError
 from lib_pg.forks import TaggedGuidanceRun
 from lib_pg.guidance import UnroutedStep, WeakModelCache
 from lib_pg.schedule import omega_at
-from lib_pg.weights import aligned, build_weak_model
+from lib_pg.weights import WeakModel, aligned, build_weak_model
 
 from lib_pg.hosts.comfyui.patchers import keys_that_may_differ, module_keys, patched_weight, patches_signature
 from lib_pg.hosts.comfyui.text import WEAK_TEXT_KEY
@@ -257,7 +257,7 @@ class GuidedModel:
         report = run.report
         note = f"{report.guided_steps} steps guided"
         if report.unguided_steps:
-            note += f", {report.unguided_steps} outside the active range (plain CFG)"
+            note += f", {report.unguided_steps} at ω = 1 (plain CFG: ω is 1 there, or the step is outside start/end)"
         if report.steps_without_uncond:
             note += f", {report.steps_without_uncond} without an unconditional branch ({'; '.join(report.skip_reasons)})"
         if report.unrecognised_calls:
@@ -318,6 +318,8 @@ class GuidedModel:
         if weak is not None:
             return weak
         CACHE.clear()  # free the old weak weights before building new ones
+        if s.omega_key[0] == "constant" and s.omega >= 1.0:
+            return WeakModel()  # ω = 1 is plain CFG: nothing to route, no reference to load
         started = time.perf_counter()
         reference = self.reference.load()
         try:
