@@ -6,7 +6,7 @@ $COMFYUI_PATH/custom_nodes/ and the server is started with --cpu on the loopback
 a temporary folder. Random real-shape SD 1.5 checkpoints (tests/e2e/make_sd15_checkpoints.py, which needs
 ldm from Stability-AI/stablediffusion: COMFYUI_SD_REPOS is a folder holding it as
 stable-diffusion-stability-ai/) and a random subject LoRA (make_sd15_lora.py) are generated into
-$COMFYUI_PATH/models when missing.
+$COMFYUI_PATH/models when missing. COMFYUI_ARGS: more arguments for ComfyUI's main.py (e.g. --bf16-unet).
 """
 
 import json
@@ -65,6 +65,7 @@ class ComfyUI:
         self.log_path = os.path.join(self.out, "server.log")
         self.process = None
         self.nonce = 0
+        self.extra_args = os.environ.get("COMFYUI_ARGS", "").split()  # e.g. --bf16-unet
 
     def start(self, timeout=180):
         link = os.path.join(self.path, "custom_nodes", NODE_LINK)
@@ -74,7 +75,8 @@ class ComfyUI:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-             "--output-directory", os.path.join(self.out, "output"), "--temp-directory", os.path.join(self.out, "temp")],
+             "--output-directory", os.path.join(self.out, "output"), "--temp-directory", os.path.join(self.out, "temp")]
+            + self.extra_args,
             cwd=self.path, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
