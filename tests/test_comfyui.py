@@ -353,3 +353,41 @@ def test_the_example_workflows_use_the_nodes_as_they_are_defined():
             assert len(node["widgets_values"]) == len(widgets), (name, node["type"])
             assert {i["name"] for i in node["inputs"]} <= sockets
         assert any(node["type"] == "PersonalizationGuidance" for node in nodes.values())
+
+
+# -- SDXL: two text encoders, a pooled vector in `y` ------------------------------------------
+
+class SDXLText(torch.nn.Module):
+    """SDXL's two text encoders as ComfyUI's SDXL CLIP returns them: CLIP-L's and bigG's penultimate
+    hidden states side by side, and bigG's pooled output."""
+
+    def __init__(self, conditioner):
+        super().__init__()
+        self.clip_l, self.clip_g = conditioner.embedders[0], conditioner.embedders[1]
+
+    def forward(self, tokens):
+        l_hidden = self.clip_l.hidden_states(tokens["l"])[-2]
+        g_hidden, pooled = self.clip_g(tokens["g"])
+        return torch.cat([l_hidden, g_hidden], dim=2), pooled
+
+
+class SDXLCheckpoint:
+    def __init__(self, ldm):
+        e = ldm.conditioner.embedders
+        self.model = comfy.model_patcher.ModelPatcher(comfy.model_base.SDXL(ldm.model.diffusion_model, list(e[2:])), "cpu", "cpu")
+        self.clip = comfy.sd.CLIP(SDXLText(ldm.conditioner),
+                                  tokenizer=lambda text: {"l": encode_prompts(text), "g": encode_prompts(text, pad_token=0)})
+
+
+def test_sdxl_weak_branch_gets_the_weak_pooled_vector(one_thread):
+    from tests.ldm_models import make_sdxl
+
+    base_ldm = make_sdxl("tiny", seed=0)
+    base, tuned = SDXLCheckpoint(base_ldm), SDXLCheckpoint(fine_tune(base_ldm, text_encoder=True))
+    positive = encode(tuned.clip, PROMPT)
+    plain = sample(tuned.model, positive, encode(tuned.clip, NEGATIVE), cfg=5.0)
+    assert torch.equal(sample(pg(tuned.model, reference=base.model, omega=1.0), positive, weak_negative(tuned.clip, base.clip),
+                              cfg=5.0), plain)
+    reference = sample(base.model, encode(base.clip, PROMPT), encode(base.clip, NEGATIVE), cfg=0.0)
+    guided = sample(pg(tuned.model, reference=base.model, omega=0.0), positive, weak_negative(tuned.clip, base.clip), cfg=0.0)
+    assert torch.allclose(guided, reference, atol=1e-4, rtol=1e-5)

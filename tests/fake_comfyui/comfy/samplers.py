@@ -72,6 +72,11 @@ def encode_model_conds(model_function, conds, noise, device, prompt_type, **kwar
         x = conds[t]
         params = x.copy()
         params.update(device=device, noise=noise, prompt_type=params.get("prompt_type", prompt_type))
+        params["width"] = params.get("width", noise.shape[3] * 8 if len(noise.shape) >= 4 else None)
+        params["height"] = params.get("height", noise.shape[2] * 8)
+        for k in kwargs:
+            if k not in params:
+                params[k] = kwargs[k]
         out = model_function(**params)
         x = x.copy()
         model_conds = x["model_conds"].copy()

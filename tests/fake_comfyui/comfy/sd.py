@@ -38,10 +38,11 @@ class CLIP:
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         self.load_model()
-        cond = self.cond_stage_model(tokens)
+        out = self.cond_stage_model(tokens)
+        cond, pooled = out if isinstance(out, tuple) else (out, None)  # SDXL's text encoders pool too
         if return_dict:
-            return {"cond": cond, "pooled_output": None}
-        return (cond, None) if return_pooled else cond
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
 
     def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict={}, show_pbar=True):
         pooled_dict = self.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
