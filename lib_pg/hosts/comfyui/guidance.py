@@ -102,12 +102,14 @@ def step_of(sample_sigmas, sigma):
     return min(step, total - 1), total
 
 
-def check_routed_modules(layers):
-    """ComfyUI in low-VRAM mode applies a layer's patches in its forward
-    (comfy/model_patcher.py LowVramPatch in `weight_function`): it would apply
-    them again on top of the weak weight."""
-    for layer in layers:
-        if getattr(layer.module, "weight_function", None) or getattr(layer.module, "bias_function", None):
+def check_weights_in_place(unet):
+    """ComfyUI in low-VRAM mode leaves a layer's patches to its forward
+    (comfy/model_patcher.py LowVramPatch in `weight_function`): the layer's
+    weight is then not what it samples with (PG would take the unpatched
+    weight for the live one) and the patch would be applied again on top of
+    the weak weight."""
+    for module in unet.modules():
+        if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
             raise PGError("ComfyUI loaded the model in low-VRAM mode and applies its LoRAs in each layer's forward: PG "
                           "cannot swap weights there; free memory (e.g. --normalvram / a smaller resolution) or drop the LoRAs")
 
@@ -226,6 +228,7 @@ class GuidedModel:
     def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                        *args, **kwargs):
         live = guider.model_patcher
+        check_weights_in_place(live.model.diffusion_model)
         weak = self.weak_model(live)
         weak_texts = any(WEAK_TEXT_KEY in entry for entry in (getattr(guider, "conds", {}) or {}).get("negative", []))
         if not weak.unet and not weak_texts and any(omega < 1.0 for omega in self.omega_plan(max(len(sigmas) - 1, 1))):
@@ -238,13 +241,6 @@ class GuidedModel:
         try:
             with TaggedGuidanceRun(unet, weak, self.settings,
                                    skip_reason="ComfyUI ran no unconditional branch (CFG 1)") as run:
-                place = run.router.on_first_routed_call
-
-                def first_routed_call():
-                    check_routed_modules(weak.unet)
-                    place()
-
-                run.router.on_first_routed_call = first_routed_call
                 self.run = run
                 try:
                     result = executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, *args, **kwargs)
