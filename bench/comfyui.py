@@ -29,7 +29,6 @@ SEED = 1234
 def variants(omega, size, steps, cfg):
     common = dict(size=size, steps=steps, cfg=cfg, seed=SEED)
     hooks = h.txt2img(**common)
-    hooks["30"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": h.BASE}}  # loaded as the PG variant loads it
     hooks["50"] = {"class_type": "CreateHookModelAsLora", "inputs": {"ckpt_name": h.BASE, "strength_model": 1.0 - omega,
                                                                      "strength_clip": 1.0 - omega}}
     hooks["51"] = {"class_type": "SetClipHooks", "inputs": {"clip": ["1", 1], "apply_to_conds": True, "schedule_clip": False,
