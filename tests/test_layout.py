@@ -10,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib_pg")
-HOST_PACKAGES = {"modules", "backend", "ldm_patched", "modules_forge", "gradio"}
+HOST_PACKAGES = {"modules", "backend", "ldm_patched", "modules_forge", "gradio",
+                 "comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "nodes", "node_helpers"}
 
 
 def imported_top_names(path):
@@ -48,10 +49,13 @@ def test_the_core_imports_no_host(path):
 # the front end every host shares (`modules`); never another host's folder.
 ALLOWED = {
     "common": ({"modules"}, set()),
-    "webui": ({"modules"}, {"forge", "reforge", "neo"}),
-    "forge": ({"modules", "backend"}, {"webui", "reforge", "neo"}),
-    "reforge": ({"modules", "ldm_patched", "modules_forge"}, {"webui", "forge", "neo"}),
-    "neo": ({"modules", "backend"}, {"webui", "forge", "reforge"}),
+    "webui": ({"modules"}, {"forge", "reforge", "neo", "comfyui"}),
+    "forge": ({"modules", "backend"}, {"webui", "reforge", "neo", "comfyui"}),
+    "reforge": ({"modules", "ldm_patched", "modules_forge"}, {"webui", "forge", "neo", "comfyui"}),
+    "neo": ({"modules", "backend"}, {"webui", "forge", "reforge", "comfyui"}),
+    # ComfyUI has no webui front end: not even the shared `common` folder (it imports webui's modules).
+    "comfyui": ({"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "nodes", "node_helpers"},
+                {"webui", "forge", "reforge", "neo", "common"}),
 }
 
 
@@ -66,3 +70,12 @@ def test_a_host_folder_imports_its_host_and_the_shared_code_only(host):
             parts = name.split(".")
             if parts[:2] == ["lib_pg", "hosts"] and len(parts) > 2:
                 assert parts[2] not in other_hosts, f"{os.path.relpath(path, ROOT)} imports {name}"
+
+
+def test_the_root_init_is_comfyuis_entry_and_imports_no_webui():
+    """ComfyUI imports the repository's __init__.py; webui never does. It may import
+    only the ComfyUI host folder, and no webui-family host package at all."""
+    names = imported_top_names(os.path.join(ROOT, "__init__.py"))
+    assert not {name for name in names if name.split(".")[0] in HOST_PACKAGES}
+    hosts = {name.split(".")[2] for name in names if name.startswith("lib_pg.hosts.")}
+    assert hosts <= {"comfyui"}

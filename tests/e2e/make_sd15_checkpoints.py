@@ -65,6 +65,8 @@ def build(seed):
                                    ("cond_stage_model.transformer.", clip, 2)):
         init_random_(module, seed * 10 + offset)
         for key, tensor in module.state_dict().items():
+            if module is clip and not key.startswith("text_model."):
+                key = "text_model." + key  # transformers 5 dropped the text_model level from CLIPTextModel's keys
             state[prefix + key] = tensor
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     return state
