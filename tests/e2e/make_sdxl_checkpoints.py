@@ -8,7 +8,8 @@ encoder under `conditioner.embedders.0.transformer.`, OpenCLIP bigG under
 text encoders from tests/ldm_models.py (its stand-ins carry sgm's / open_clip's names and shapes),
 the VAE from ldm itself. Every weight random (`init_random_`), in fp16.
 
-The "fine-tune" differs from the base only in a subset of layers: a few UNet blocks (label_emb,
+The "fine-tune" differs from the base only in a subset of layers (the UNet's weight differences with
+a decaying spectrum, as a real fine-tune's; the rest white noise): a few UNet blocks (label_emb,
 which takes the pooled `y` vector, input_blocks.4, middle_block.0, output_blocks.4 and .8: about
 100 M parameters), CLIP-L's encoder layer 9 (read by SDXL's penultimate-layer context), bigG's layers
 29 (context and pooled output) and 31 (pooled only) and its text_projection (pooled only). A fork
@@ -78,6 +79,12 @@ def build(seed):
     return state
 
 
+# The UNet's weight differences have a decaying spectrum, as a real fine-tune's do (white noise is the
+# worst case for lean factors): a rank-RANK product with singular values falling as 1/k, plus a little
+# noise so that no finite rank holds it exactly.
+RANK = 16
+
+
 def fine_tune(state, seed):
     """The perturbed tensors only (the rest is the base's)."""
     import torch
@@ -86,9 +93,21 @@ def fine_tune(state, seed):
     tuned = {}
     for key in sorted(state):
         tensor = state[key]
-        if key.startswith(TUNED_PREFIXES) and tensor.is_floating_point():
-            noise = torch.randn(tensor.shape, generator=generator)
-            tuned[key] = (tensor.float() + 0.15 * tensor.float().std().clamp_min(1e-3) * noise).to(tensor.dtype)
+        if not (key.startswith(TUNED_PREFIXES) and tensor.is_floating_point()):
+            continue
+        weight = tensor.float()
+        scale = 0.15 * weight.std().clamp_min(1e-3)
+        noise = torch.randn(tensor.shape, generator=generator)
+        if key.startswith(UNET) and tensor.dim() >= 2:
+            rows, cols = tensor.shape[0], tensor[0].numel()
+            rank = min(RANK, rows, cols)
+            up = torch.randn(rows, rank, generator=generator) / (torch.arange(rank) + 1.0)
+            down = torch.randn(rank, cols, generator=generator)
+            structured = (up @ down).reshape(tensor.shape)
+            delta = structured / structured.std().clamp_min(1e-12) + 0.1 * noise
+        else:
+            delta = noise
+        tuned[key] = (weight + scale * delta).to(tensor.dtype)
     return tuned
 
 

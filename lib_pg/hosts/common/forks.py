@@ -91,7 +91,9 @@ class NativeBaseState(Mapping):
         self._file = checkpoints.open_checkpoint(path, "base checkpoint")
         try:
             text = {k: self._file.get(k) for k in self._file.keys if k.startswith(TEXT_FILE_PREFIXES)}
-            self._text = {TEXT_PREFIX + k: v for k, v in convert_text(text).items() if isinstance(v, torch.Tensor)}
+            # contiguous: the fork copies each converted tensor into its own parameter (a transposed
+            # projection is a strided view here, and kernels round differently on one)
+            self._text = {TEXT_PREFIX + k: v.contiguous() for k, v in convert_text(text).items() if isinstance(v, torch.Tensor)}
         except PGError:
             self._file.close()
             raise
