@@ -237,7 +237,10 @@ def _routed_forward(layer, router, original):
             if k is not None:
                 out[k:] += _scaled_correction(layer, x[k:], omega, out.dtype)
             else:
-                out.index_add_(0, plan.weak_index, _scaled_correction(layer, x.index_select(0, plan.weak_index), omega, out.dtype))
+                rows = plan.weak_index
+                correction = _scaled_correction(layer, x.index_select(0, rows), omega, out.dtype)
+                # a bias-only correction (lean weights) is the bias difference itself: broadcast to the rows
+                out.index_add_(0, rows, torch.broadcast_to(correction, (rows.numel(),) + tuple(out.shape[1:])))
             return out
         # The conditional rows run first, on the live weights: a host that
         # finalises weights lazily in forward (webui's Lora) does it there.

@@ -294,7 +294,9 @@ def build_weak_model(model: torch.nn.Module, base_state, settings_omega_key, bas
             offsets[key] = offsets.get(key, 0) - sum(d.weight().float().reshape(module.weight.shape) for d in deltas)
     live_shapes = {k: tuple(p.shape) for k, (_, _, p) in owners.items()}
     if base_state is not None:
-        base_shapes = {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")}
+        # a lazily read state (the forks' NativeBaseState) gives its shapes without reading tensors
+        base_shapes = (base_state.shapes() if callable(getattr(base_state, "shapes", None))
+                       else {k: tuple(t.shape) for k, t in base_state.items() if hasattr(t, "shape")})
         check_compatible(live_shapes, base_shapes, base_name)
         base_family = detect_family(base_shapes)
     else:

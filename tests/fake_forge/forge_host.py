@@ -45,6 +45,14 @@ class ForgeObjects:
         return ForgeObjects(self.unet, self.clip)
 
 
+def _model_conds(cond):
+    # backend/sampling/condition.py compile_conditions (:104-113): SDXL's dict gives the
+    # cross-attention and `y` (the pooled vector)
+    if isinstance(cond, dict):
+        return {"c_crossattn": cond["crossattn"], "y": cond["vector"]}
+    return {"c_crossattn": cond}
+
+
 def forge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
     # modules/sd_samplers_cfg_denoiser.py CFGDenoiser.forward (Forge @ dfdcbab6, :150-230)
     state, opts = shared.state, shared.opts
@@ -63,11 +71,13 @@ def forge_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_
     engine = shared.sd_model
     unet = engine.forge_objects.unet
     # backend/sampling/sampling_function.py sampling_function: compile_conditions
-    uncond_entries = [{"model_conds": {"c_crossattn": params.text_uncond}}]
+    uncond_entries = [{"model_conds": _model_conds(params.text_uncond)}]
     cond_entries = []
     for cond_pre in map(list, zip(*cond_composition)):
         indices = [i for i, _w in cond_pre]
-        cond_entries.append({"model_conds": {"c_crossattn": params.text_cond[indices]}, "strength": cond_pre[-1][1]})
+        text_cond = params.text_cond
+        feed = {k: v[indices] for k, v in text_cond.items()} if isinstance(text_cond, dict) else text_cond[indices]
+        cond_entries.append({"model_conds": _model_conds(feed), "strength": cond_pre[-1][1]})
     denoised = sampling_function_inner(unet.model, x, sigma, uncond_entries, cond_entries, cond_scale, unet.model_options)
     self.step += 1
     return denoised
@@ -91,18 +101,67 @@ class _ForgeUNetForward:
         return super().forward(x, timesteps, context=context, y=y)
 
 
+class IntegratedCLIP(torch.nn.Module):
+    # backend/nn/clip.py:5-12: the HF text model as `.transformer`, with `add_text_projection` a Linear
+    # `transformer.text_projection` (backend/loader.py:62-78 leaves it as built when the file has none),
+    # and its own logit_scale
+    def __init__(self, transformer, add_text_projection=False):
+        super().__init__()
+        self.transformer = transformer
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+        if add_text_projection:
+            width = transformer.text_model.final_layer_norm.weight.shape[0]
+            self.transformer.text_projection = torch.nn.Linear(width, width, bias=False)
+            with torch.no_grad():
+                self.transformer.text_projection.weight.copy_(torch.eye(width))
+
+
+def make_sdxl_model(state, checkpoint_info=None):
+    """An SDXL checkpoint (sgm keys) as Forge loads it: backend/loader.py split_state_dict converts the
+    text encoders with the guess's process_clip_state_dict (huggingface_guess model_list.py:292-302) and
+    loads each into an IntegratedCLIP (:62-78); backend/diffusion_engine/sdxl.py:25-33 joins them as
+    `{"clip_l", "clip_g"}`, wraps their token embeddings (classic_engine.py) and projects bigG's pooled
+    output through the Linear `clip_g.transformer.text_projection` (classic_engine.py:141-147). The
+    engine keeps the guess as `model_config` (backend/diffusion_engine/base.py:27)."""
+    from huggingface_guess import model_list
+    from tests.fork_sdxl_models import ForkSDXL, hf_text_model, text_state, tiny_unet
+
+    config = model_list.SDXL()
+    converted = config.process_clip_state_dict(text_state(state))
+    encoders = torch.nn.ModuleDict({"clip_l": IntegratedCLIP(hf_text_model("clip_l"), add_text_projection=True),
+                                    "clip_g": IntegratedCLIP(hf_text_model("clip_g"), add_text_projection=True)})
+    with torch.no_grad():
+        missing = [k for k in encoders.load_state_dict(converted, strict=False).missing_keys if not k.endswith("position_ids")]
+    assert set(missing) <= {"clip_l.transformer.text_projection.weight", "clip_l.logit_scale", "clip_g.logit_scale"}, missing
+    for encoder in encoders.values():
+        embeddings = encoder.transformer.text_model.embeddings
+        embeddings.token_embedding = CLIPEmbeddingForTextualInversion(embeddings.token_embedding)
+    clip_g = encoders["clip_g"]
+    inner = ForkSDXL(tiny_unet(state), encoders, lambda pooled: clip_g.transformer.text_projection(pooled))
+    from modules import sd_models
+
+    model = sd_models.FakeSdModel(inner, checkpoint_info)
+    model.__dict__["model_config"] = config
+    return model
+
+
 def install(sd_model, monkeypatch, engine_name="StableDiffusion", networks=None):
     """Make the fake webui's loaded `sd_model` look like Forge's engine, for one test; with
-    `networks` (the fake sd_forge_lora networks module) the prompt's <lora:...> are activated."""
+    `networks` (the fake sd_forge_lora networks module) the prompt's <lora:...> are activated.
+    An SDXL model from `make_sdxl_model` brings its own text encoders (engine "StableDiffusionXL")."""
     unet = sd_model.model.diffusion_model
     monkeypatch.setattr(unet, "__class__", type("IntegratedUNet2DConditionModel", (_ForgeUNetForward, type(unet)), {}))
-    embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
-    monkeypatch.setattr(embeddings, "token_embedding", CLIPEmbeddingForTextualInversion(embeddings.token_embedding))
-    clip_l = torch.nn.Module()  # backend/nn/clip.py IntegratedCLIP: the HF model as `.transformer`, and its own logit_scale
-    clip_l.transformer = sd_model.cond_stage_model.transformer
-    clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+    if getattr(sd_model, "is_sdxl", False):
+        text_encoders = dict(sd_model.text_encoders.items())
+    else:
+        embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
+        monkeypatch.setattr(embeddings, "token_embedding", CLIPEmbeddingForTextualInversion(embeddings.token_embedding))
+        clip_l = torch.nn.Module()  # backend/nn/clip.py IntegratedCLIP: the HF model as `.transformer`, and its own logit_scale
+        clip_l.transformer = sd_model.cond_stage_model.transformer
+        clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+        text_encoders = {"clip_l": clip_l}
     wrap = sd_samplers_common.CompVisDenoiserLike(sd_model)
-    forge_objects = ForgeObjects(UnetPatcher(KModel(unet, wrap.sigma_to_t)), CLIP({"clip_l": clip_l}))
+    forge_objects = ForgeObjects(UnetPatcher(KModel(unet, wrap.sigma_to_t)), CLIP(text_encoders))
     d = sd_model.__dict__
     d["forge_objects"] = forge_objects
     d["forge_objects_original"] = forge_objects.shallow_copy()

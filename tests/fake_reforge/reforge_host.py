@@ -71,16 +71,77 @@ class _ReForgeUNetForward:
         return super().forward(x, timesteps, context=context, y=y)
 
 
+class SDClipModel(torch.nn.Module):
+    # ldm_patched/modules/sd1_clip.py SDClipModel (:81-165): the HF text model as `.transformer`, a bare
+    # `text_projection` Parameter (the identity until a checkpoint sets it, :151) and `logit_scale` (:152)
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+        width = transformer.text_model.final_layer_norm.weight.shape[0]
+        self.text_projection = torch.nn.Parameter(torch.eye(width))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+
+
+class SDXLClipModel(torch.nn.Module):
+    # ldm_patched/modules/sdxl_clip.py SDXLClipModel (:43-49): clip_l and clip_g
+    def __init__(self, clip_l, clip_g):
+        super().__init__()
+        self.clip_l, self.clip_g = clip_l, clip_g
+
+    def __getitem__(self, name):  # fake-only: ForkSDXL reads encoders by name
+        return getattr(self, name)
+
+
+def make_sdxl_model(state, checkpoint_info=None):
+    """An SDXL checkpoint (sgm keys) as reForge loads it: load_checkpoint_guess_config converts the text
+    encoders with model_config.process_clip_state_dict (supported_models.py:227-243) and loads them whole
+    into the SDXLClipModel (sd.py:305-309, strict=False). The front end (modules_forge/forge_loader.py:459-483)
+    keeps sgm's conditioner, whose bigG embedder gets the backend's transformer and registers clip_g's
+    bare `text_projection` Parameter as its own; the pooled output is projected through that registration
+    (modules_forge/forge_clip.py:120-123: `pooled @ self.wrapped.text_projection`)."""
+    from tests.fork_sdxl_models import ForkSDXL, hf_text_model, text_state, tiny_unet
+
+    config = supported_models.SDXL()
+    converted = config.process_clip_state_dict(text_state(state))
+    encoders = SDXLClipModel(SDClipModel(hf_text_model("clip_l")), SDClipModel(hf_text_model("clip_g")))
+    with torch.no_grad():
+        missing = [k for k in encoders.load_state_dict(converted, strict=False).missing_keys if not k.endswith("position_ids")]
+    assert set(missing) <= {"clip_l.text_projection", "clip_l.logit_scale"}, missing
+    conditioner = torch.nn.Module()
+    clip_l_embedder, clip_g_embedder = torch.nn.Module(), torch.nn.Module()
+    clip_l_embedder.wrapped = torch.nn.Module()
+    clip_l_embedder.wrapped.transformer = encoders.clip_l.transformer
+    clip_g_embedder.wrapped = torch.nn.Module()  # FrozenOpenCLIPEmbedder2, wrapped by CLIP_SD_XL_G
+    clip_g_embedder.wrapped.transformer = encoders.clip_g.transformer
+    clip_g_embedder.wrapped.text_projection = encoders.clip_g.text_projection
+    conditioner.embedders = torch.nn.ModuleList([clip_l_embedder, clip_g_embedder])
+
+    def project(pooled):
+        text_projection = conditioner.embedders[1].wrapped.text_projection
+        return pooled.float().to(text_projection.device) @ text_projection.float()
+
+    inner = ForkSDXL(tiny_unet(state), encoders, project, conditioner=conditioner)
+    from modules import sd_models
+
+    return sd_models.FakeSdModel(inner, checkpoint_info)
+
+
 def install(sd_model, monkeypatch, family=supported_models.SD15, networks=None):
     """Make the fake webui's loaded `sd_model` (a FakeSdModel) look like reForge's, for one test;
-    with `networks` (the fake Lora networks module) the prompt's <lora:...> are activated."""
+    with `networks` (the fake Lora networks module) the prompt's <lora:...> are activated. An SDXL
+    model from `make_sdxl_model` brings its text encoders (family supported_models.SDXL)."""
     unet = sd_model.model.diffusion_model
     monkeypatch.setattr(unet, "__class__", type("ReForgeUNetModel", (_ReForgeUNetForward, type(unet)), {}))
     wrap = sd_samplers_common.CompVisDenoiserLike(sd_model)
+    if getattr(sd_model, "is_sdxl", False):
+        family = supported_models.SDXL if family is supported_models.SD15 else family
+        text_encoders = sd_model.text_encoders
+    else:
+        clip_l = torch.nn.Module()  # ldm_patched/modules/sd1_clip.py SD1ClipModel.clip_l: the text model as `.transformer`
+        clip_l.transformer = sd_model.cond_stage_model.transformer
+        text_encoders = torch.nn.ModuleDict({"clip_l": clip_l})
     base_model = model_base.BaseModel(unet, family(), wrap.sigma_to_t)
-    clip_l = torch.nn.Module()  # ldm_patched/modules/sd1_clip.py SD1ClipModel.clip_l: the text model as `.transformer`
-    clip_l.transformer = sd_model.cond_stage_model.transformer
-    forge_objects = ForgeObjects(UnetPatcher(base_model), CLIP(torch.nn.ModuleDict({"clip_l": clip_l})))
+    forge_objects = ForgeObjects(UnetPatcher(base_model), CLIP(text_encoders))
     d = sd_model.__dict__
     d["forge_objects"] = forge_objects
     d["forge_objects_original"] = forge_objects.shallow_copy()

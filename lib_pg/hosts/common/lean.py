@@ -71,16 +71,17 @@ def lean_cache_folder():
     return os.path.join(os.path.dirname(os.path.abspath(sd_models.model_path)), "PersonalizationGuidance")
 
 
-def lean_cache_path(active_info, base_info, budget_bytes, dtype):
-    """One file per (active hash, base hash, budget, dtype): reused across restarts."""
+def lean_cache_path(active_info, base_info, budget_bytes, dtype, part=""):
+    """One file per (active hash, base hash, budget, dtype[, part of the model]): reused across restarts."""
     name = (f"lean-{file_hash(active_info)[:12]}-{file_hash(base_info)[:12]}-{budget_bytes}B-"
-            f"{str(dtype).replace('torch.', '')}.safetensors")
+            f"{str(dtype).replace('torch.', '')}{'-' + part if part else ''}.safetensors")
     return os.path.join(lean_cache_folder(), name)
 
 
-def factor_with_progress(active_path, base_path, budget_bytes, dtype):
+def factor_with_progress(active_path, base_path, budget_bytes, dtype, part=None):
     """Factor on the compute device (the GPU when there is one), with the
-    front end's progress bar and a console one; Interrupt stops it between tensors."""
+    front end's progress bar and a console one; Interrupt stops it between tensors.
+    `part(checkpoint)`, where given, narrows both files to the part factored (the forks: the UNet)."""
     device = devices.device if devices.device.type == "cuda" else devices.cpu
     state = shared.state
     state.textinfo = "Personalization Guidance: factoring the weak weights"
@@ -99,6 +100,8 @@ def factor_with_progress(active_path, base_path, budget_bytes, dtype):
     try:
         with checkpoints.open_checkpoint(active_path, "active checkpoint") as active, \
                 checkpoints.open_checkpoint(base_path, "base checkpoint") as base:
+            if part is not None:
+                active, base = part(active), part(base)
             return lowrank.factor_pair(active, base, budget_bytes, dtype, device, progress, should_stop)
     except lowrank.FactoringInterrupted:
         raise PGError("interrupted while factoring the weak weights (nothing was cached)") from None

@@ -11,9 +11,18 @@ sd_models.read_state_dict is a stub). Sampling is tagged as on reForge
 (backend/sampling/sampling_function.py calc_cond_uncond_batch,
 `transformer_options["cond_or_uncond"]`).
 
-Supported here: SD 1.x, with a base checkpoint and/or LoRAs to strip, as on
-reForge. LoRAs come from Forge's own patch lists (`lora_patches`, one entry
-per LoRA file) and are merged with its merge_lora_to_weight.
+Supported here: SD 1.x, SDXL (eps and v-prediction) and SD 2.x, with a base
+checkpoint (exact or lean) and/or LoRAs to strip, as on reForge. LoRAs come
+from Forge's own patch lists (`lora_patches`, one entry per LoRA file) and are
+merged with its merge_lora_to_weight. SDXL and SD 2.x are seen in Forge's own
+key space (lib_pg.hosts.common.forks NativeView over
+`forge_objects.clip.cond_stage_model`, a JointTextEncoder{clip_l, clip_g} of
+IntegratedCLIPs in Hugging Face layout, clip_g's projection the Linear
+`clip_g.transformer.text_projection`); a base checkpoint's text encoders are
+converted with the engine's own huggingface_guess config
+(`engine.model_config.process_clip_state_dict`, as backend/loader.py
+split_state_dict does). Refused by name: other engines (the SDXL refiner, SD3,
+Flux, ...), inpainting models, quantized UNets, online LoRAs.
 """
 
 import os
@@ -26,6 +35,8 @@ from lib_pg.hosts.common.forks import ForkController
 from lib_pg.weights import read_checkpoint
 
 SUPPORTED_ENGINES = ("StableDiffusion",)  # backend/diffusion_engine/sd15.py
+# backend/diffusion_engine/sdxl.py, sd20.py: seen in Forge's own key space
+NATIVE_ENGINES = ("StableDiffusionXL", "StableDiffusion2")
 QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
 
 
@@ -54,9 +65,9 @@ class ForgeController(ForkController):
     def check_model(self, engine):
         family = type(engine).__name__
         inpaint = getattr(engine, "is_inpaint", False)
-        if family not in SUPPORTED_ENGINES or inpaint:
+        if family not in SUPPORTED_ENGINES + NATIVE_ENGINES or inpaint:
             raise PGError(f"this model's family ({family}{' inpainting' if inpaint else ''}) "
-                          f"is not supported by PG on {self.HOST}; supported: SD 1.x")
+                          f"is not supported by PG on {self.HOST}; supported: SD 1.x, SDXL, SD 2.x")
         storage = getattr(engine.forge_objects.unet.model, "storage_dtype", None)
         if str(storage) in QUANTIZED_STORAGE:
             raise PGError(f"a quantized UNet ({storage}) is not supported by PG on {self.HOST}")
@@ -100,6 +111,15 @@ class ForgeController(ForkController):
 
     def ldm_view(self, engine):
         return LdmView(engine)
+
+    def native(self, engine):
+        return type(engine).__name__ in NATIVE_ENGINES
+
+    def convert_text(self, engine):
+        """huggingface_guess model_list SDXL/SD20.process_clip_state_dict of the engine's own
+        guess (backend/diffusion_engine/base.py keeps it as `model_config`), as
+        backend/loader.py split_state_dict converts the text encoders before loading them."""
+        return engine.model_config.process_clip_state_dict
 
     def cache_identity(self, engine):
         return (id(engine.forge_objects.unet.model),)

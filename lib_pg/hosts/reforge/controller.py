@@ -11,11 +11,20 @@ ldm_patched/modules/samplers.py sampling_function, whose calc_cond_batch tags
 each chunk of a UNet call in transformer_options["cond_or_uncond"]
 (lib_pg.hosts.common.forks and lib_pg.forks).
 
-Supported here: SD 1.x models, with a base checkpoint and/or LoRAs to strip.
-LoRAs come from reForge's own patch lists (found per LoRA by position) and are
-merged with its calculate_weight. Refused by name: other families (their text
-encoders are converted at load, so ldm keys no longer match them), a compiled
-UNet, LoRAs on a UNet loaded in low-VRAM mode.
+Supported here: SD 1.x, SDXL (eps and v-prediction) and SD 2.x models, with a
+base checkpoint (exact or lean) and/or LoRAs to strip. LoRAs come from
+reForge's own patch lists (found per LoRA by position) and are merged with its
+calculate_weight. SDXL and SD 2.x are seen in reForge's own key space
+(lib_pg.hosts.common.forks NativeView: their text encoders are converted at
+load, `SDXLClipModel{clip_l, clip_g}` in Hugging Face layout, so ldm keys no
+longer match them); a base checkpoint's text encoders are converted with the
+live model's `model_config.process_clip_state_dict`. SDXL's pooled vector comes
+from clip_g through its bare `text_projection` Parameter, which the front end's
+embedder registers too (modules_forge/forge_loader.py:478; read at
+modules_forge/forge_clip.py:121-122): both registrations are swapped.
+Refused by name: other families and variants (refiner, inpainting, edit, SD3,
+SSD-1B-style distills, flux2-latent SDXL), a compiled UNet, LoRAs on a UNet
+loaded in low-VRAM mode.
 """
 
 import ast
@@ -29,8 +38,11 @@ from lib_pg.hosts.common.forks import ForkController
 
 from modules import sd_models  # noqa: E402
 
-# reForge's backend model classes (ldm_patched/modules/supported_models.py) PG supports.
+# reForge's backend model classes (ldm_patched/modules/supported_models.py) PG supports: SD 1.x
+# through the ldm view, the others in reForge's own key space.
 SUPPORTED_FAMILIES = ("SD15",)
+NATIVE_FAMILIES = ("SDXL", "SD20")
+FAMILY_NAMES = {"SD15": "SD 1.x", "SDXL": "SDXL", "SD20": "SD 2.x"}
 # Parameters reForge's CLIP text model has that no SD 1.x checkpoint holds
 # (ldm_patched/modules/clip_model.py CLIPTextModel.text_projection): the same in
 # the live and the base model, so they are taken from the live model.
@@ -61,9 +73,13 @@ class ReForgeController(ForkController):
 
     def check_model(self, model):
         family = backend_family(model)
-        if getattr(model, "is_sd3", False) or family not in SUPPORTED_FAMILIES:
+        if getattr(model, "is_sd3", False) or family not in SUPPORTED_FAMILIES + NATIVE_FAMILIES:
             raise PGError(f"this model's family ({family or 'unknown'}) is not supported by PG on {self.HOST}; "
-                          "supported: SD 1.x")
+                          "supported: SD 1.x, SDXL, SD 2.x")
+        in_channels = getattr(model.forge_objects.unet.model.diffusion_model, "in_channels", 4)
+        if family in NATIVE_FAMILIES and in_channels != 4:
+            raise PGError(f"{FAMILY_NAMES[family]} inpainting/edit models ({in_channels} input channels) are not supported by PG "
+                          f"on {self.HOST}")
         if getattr(model, "cond_stage_key", None) == "edit":
             raise PGError("InstructPix2Pix-style edit models are not supported: their unconditional branch is an image-conditioned one")
         if getattr(model.forge_objects.unet, "compiled", False):
@@ -145,6 +161,20 @@ class ReForgeController(ForkController):
             if functions.get("weight_function") or functions.get("bias_function"):
                 raise PGError(f"{self.HOST} loaded the UNet in low-VRAM mode, applying the LoRAs in each layer's forward: "
                               "PG does not support LoRAs then; free GPU memory (or use a base checkpoint without LoRAs)")
+
+    def native(self, model):
+        return backend_family(model) in NATIVE_FAMILIES
+
+    def convert_text(self, model):
+        """ldm_patched/modules/supported_models.py SDXL/SD20.process_clip_state_dict, as
+        load_checkpoint_guess_config converts the text encoders before clip.load_sd."""
+        return model.forge_objects.unet.model.model_config.process_clip_state_dict
+
+    def alias_root(self, model):
+        """The front end's conditioner (an nn.Module tree over the backend's text encoders) registers
+        clip_g's `text_projection` on its FrozenOpenCLIPEmbedder2 too (forge_loader.py:478)."""
+        conditioner = getattr(model, "conditioner", None) if self.native(model) else None
+        return conditioner if isinstance(conditioner, torch.nn.Module) else None
 
     def read_base(self, path):
         return sd_models.read_state_dict(path, map_location="cpu")
