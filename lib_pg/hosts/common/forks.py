@@ -42,7 +42,7 @@ from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
 from lib_pg.hosts.common.fork_loras import (low_rank_corrections, originals_fingerprint, reference_weights, strips_anything,
                                             without_loras_state)
-from lib_pg.hosts.common.frontend import check_memory_budget, log, record_skipped
+from lib_pg.hosts.common.frontend import check_memory_budget, log, mib_text, record_skipped
 from lib_pg.hosts.common.lean import (WeightsPlan, active_file, factor_with_progress, lean_cache_path, lean_dtype,
                                       weights_plan)
 from lib_pg.hosts.common.networks import network_file, stripped_networks
@@ -538,7 +538,7 @@ class ForkController(Controller):
         self.adjust_weak(weak)
         add_aliases(weak, self.alias_root(model))
         unet_bytes = sum(layer.nbytes() for layer in weak.unet)
-        weak.description = f"low-rank {plan.lean_budget / 2**20:.0f} MiB, {100 * lean.energy_share:.0f} %"
+        weak.description = f"low-rank {mib_text(plan.lean_budget)} MiB, {100 * lean.energy_share:.0f} %"
         log(f"lean weak weights from {base_info.title}: UNet {len(lean.factors)} layers low-rank, {len(lean.exact)} tensors exact, "
             f"{unet_bytes / 2**20:.1f} MiB of a {plan.lean_budget / 2**20:.0f} MiB budget (exact copy: "
             f"{lean.differing_bytes / 2**20:.0f} MiB), {100 * lean.energy_share:.1f} % of the difference's energy; "

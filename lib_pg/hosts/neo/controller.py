@@ -38,6 +38,7 @@ import torch
 from lib_pg.errors import PGError
 from lib_pg.hosts.common.fork_loras import PatcherLoras
 from lib_pg.hosts.common.forks import ForkController
+from lib_pg.hosts.common.lean import WeightsPlan
 from lib_pg.weights import read_checkpoint
 
 from modules import shared  # noqa: E402
@@ -139,6 +140,11 @@ class NeoController(ForkController):
                           f"{self.HOST}: set its preset to Disable")
 
     def _check_request(self, p, settings):
+        # The forks' lean path (UNet factors) was built and tested on Forge's and reForge's patchers,
+        # not on Neo's: exact weak weights only here until it is.
+        if settings.weights == "lean":
+            raise PGError(f"lean weak weights ('weights': 'lean') are not supported on {self.HOST} yet; "
+                          "use 'auto' or 'exact'")
         result = super()._check_request(p, settings)
         refiner = getattr(p, "refiner_checkpoint_info", None)
         active = getattr(shared.sd_model, "sd_checkpoint_info", None)
@@ -147,6 +153,9 @@ class NeoController(ForkController):
                           "the same UNet during sampling, which PG cannot follow; turn it off (the refiner's steps then "
                           "run as plain CFG) or remove the refiner")
         return result
+
+    def _weights_plan(self, model, settings, base_info, patchers, unet_param):
+        return WeightsPlan()  # exact copies ('auto' never turns lean on Neo; see _check_request)
 
     def _sample(self, p, settings, base_info, passes_without_pg, original_sample, args, kwargs):
         # Scripts' process_batch (the torch.compile script's) runs after PG's process(), before p.sample.
