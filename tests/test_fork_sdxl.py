@@ -276,6 +276,6 @@ def test_lean_on_sd1_too(fork, request):
     plain, _ = env.generate(cfg_scale=0.0)
     lean, _ = env.generate(pg_args(0.0, weights="lean", lean_budget_mb=0.5), cfg_scale=0.0)
     weak = env.adapter.CONTROLLER.cache.weak
-    assert "low-rank 0 MiB" in lean.infotexts[0] or "low-rank 1 MiB" in lean.infotexts[0], lean.infotexts[0]
+    assert "low-rank 0.5 MiB" in lean.infotexts[0], lean.infotexts[0]  # a sub-MiB budget prints as a size
     assert sum(layer.nbytes() for layer in weak.unet) <= 0.5 * 2**20 < exact_bytes
     assert (lean.images[0] - exact.images[0]).abs().mean() < (plain.images[0] - exact.images[0]).abs().mean()
