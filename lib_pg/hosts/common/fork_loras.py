@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lib_pg.errors import PGError
 from lib_pg.weights import LowRankDelta, aligned, live_parameters
 
 # Whether LoRA mode uses low-rank corrections where they are exact (tests turn it off to compare
@@ -319,3 +320,26 @@ def low_rank_corrections(view: torch.nn.Module, patchers):
                 corrections[module] = deltas
                 keys[module] = key
     return corrections, keys
+
+
+def split_patches_by_lora(patches, original_patches, counted, index, stripped_files, host):
+    """(live, reference) patch lists per key of a patcher whose lists name no LoRA (reForge, Neo):
+    a key's entries are the original patcher's own, then each LoRA's in load order, `counted` giving
+    how many each LoRA file added (per patcher `index`). The reference keeps all but the stripped
+    files' entries; a count that does not add up stops the generation rather than guess."""
+    live, reference = {}, {}
+    for key in set(patches) | {k for _file, counts in counted for k in counts[index]}:
+        entries = list(patches.get(key, ()))
+        position = len(original_patches.get(key, ()))
+        kept = entries[:position]
+        for filename, counts in counted:
+            n = counts[index].get(key, 0)
+            if filename not in stripped_files:
+                kept += entries[position:position + n]
+            position += n
+        if position != len(entries):
+            raise PGError(f"{host}'s LoRA patches of {key} ({len(entries)}) do not match the prompt's LoRAs "
+                          f"({position}): another extension changed them, so PG cannot tell the LoRAs apart")
+        if entries:
+            live[key], reference[key] = entries, kept
+    return live, reference

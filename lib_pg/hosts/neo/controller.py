@@ -36,7 +36,7 @@ import sys
 import torch
 
 from lib_pg.errors import PGError
-from lib_pg.hosts.common.fork_loras import PatcherLoras
+from lib_pg.hosts.common.fork_loras import PatcherLoras, split_patches_by_lora
 from lib_pg.hosts.common.forks import ForkController
 from lib_pg.hosts.common.lean import WeightsPlan
 from lib_pg.weights import read_checkpoint
@@ -195,21 +195,8 @@ class NeoController(ForkController):
 
         found = []
         for index, (patcher, original_patcher) in enumerate(((unet, originals.unet), (clip, originals.clip.patcher))):
-            live, reference = {}, {}
-            for key in set(patcher.patches) | {k for _file, counts in counted for k in counts[index]}:
-                entries = list(patcher.patches.get(key, ()))
-                position = len(original_patcher.patches.get(key, ()))
-                kept = entries[:position]
-                for filename, counts in counted:
-                    n = counts[index].get(key, 0)
-                    if filename not in stripped_files:
-                        kept += entries[position:position + n]
-                    position += n
-                if position != len(entries):
-                    raise PGError(f"{self.HOST}'s LoRA patches of {key} ({len(entries)}) do not match the prompt's LoRAs "
-                                  f"({position}): another extension changed them, so PG cannot tell the LoRAs apart")
-                if entries:
-                    live[key], reference[key] = entries, kept
+            live, reference = split_patches_by_lora(patcher.patches, original_patcher.patches, counted, index,
+                                                    stripped_files, self.HOST)
             backup = patcher.backup
 
             def original(key, backup=backup, model=patcher.model):
