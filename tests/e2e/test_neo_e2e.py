@@ -8,42 +8,22 @@ $NEO_PATH/venv/bin/python); CI has none, so the module is skipped there. One for
 
 Neo has no ldm: the random SD 1.5 pair is generated with another install's python and repositories/
 (FORK_GENERATOR_PYTHON, FORK_REPOS: reForge's or webui's), or placed in $NEO_PATH/models/Stable-diffusion
-beforehand. Neo starts with `--cpu` (no `--always-cpu`) and has no `--ckpt`: the active checkpoint is set
-in a settings file of this run's own (`--ui-settings-file`), which also carries Neo's "VERSION_UID"
-(without it Neo waits for Enter at start-up).
+beforehand (symlinks to a shared copy work: with the generator's manifest `.rand-sd15.json` linked too, the
+generator finds them up to date). How Neo is started: tests/e2e/neo_fork.py.
 """
 
 import json
-import os
-import re
 
 import pytest
 
 from . import fork_e2e
+from .neo_fork import neo_fork
 
 if fork_e2e.FORK is not None and fork_e2e.FORK.name != "Forge Neo":
     pytest.skip(f"this run tests {fork_e2e.FORK.name}; run Neo's end-to-end tests in a pytest run of their own", allow_module_level=True)
 
 
-class NeoFork(fork_e2e.Fork):
-    def launch_args(self, checkpoint_path, port):
-        settings = os.path.join(self.path, "pg-e2e-neo-settings.json")  # this run's own; rewritten by the next
-        with open(settings, "w") as f:
-            json.dump({"VERSION_UID": version_uid(self.path), "sd_model_checkpoint": os.path.basename(checkpoint_path),
-                       "live_previews_enable": False}, f)
-        flags = [flag for flag in fork_e2e.FLAGS if flag not in ("--always-cpu", "--no-download-sd-model")]
-        return [*flags, "--cpu", "--server-name", "127.0.0.1", "--port", str(port), "--ui-settings-file", settings]
-
-
-def version_uid(path):
-    """Neo's settings version (modules/launch_utils.py VERSION_UID): a settings file without it makes
-    Neo ask for Enter at start-up."""
-    with open(os.path.join(path, "modules", "launch_utils.py"), encoding="utf-8") as f:
-        found = re.search(r'VERSION_UID\s*(?::\s*\w+\[?\w*\]?)?\s*=\s*"([^"]+)"', f.read())
-    return found.group(1) if found else "PY313"
-
-
-fork_e2e.FORK = NeoFork("Forge Neo", "NEO_PATH", "NEO_PYTHON", ("backend", "modules_forge"))
+fork_e2e.FORK = neo_fork()
 _SKIP = fork_e2e.FORK.skip_reason()
 if _SKIP:
     fork_e2e.FORK = None
