@@ -11,9 +11,12 @@ install's python and repositories/) in $NEO_PATH/models/Stable-diffusion beforeh
 manifest `.rand-sdxl.json` (symlinks to a shared copy work). How Neo is started: tests/e2e/neo_fork.py.
 """
 
+import os
+
 import pytest
 
 from . import fork_e2e
+from . import webui_harness as h
 from .neo_fork import neo_fork
 
 if fork_e2e.FORK is not None and fork_e2e.FORK.name != "Forge Neo":
@@ -80,3 +83,51 @@ def test_seconds_per_step_plain_and_with_pg(fork, disabled, pg03):
           f"(ratio {seconds['PG ω=0.3'] / seconds['plain']:.2f}); "
           + "; ".join(f"{k} {v:.1f} GiB" for k, v in MEASURED.items()) + f"; builds: {built}")
     assert seconds["plain"] > 0 and seconds["PG ω=0.3"] > 0
+
+
+V_ACTIVE, V_BASE = "rand-sdxl-vpred-ft", "rand-sdxl-vpred"
+V_YAML = "model:\n  params:\n    parameterization: v\n"
+
+
+@pytest.fixture(scope="module")
+def v_prediction(fork):
+    """The random pair as v-prediction checkpoints (NoobAI-style): links to the same files with a
+    `.yaml` next to each saying `parameterization: v`, which Neo reads at load (backend/loader.py:918-941
+    sets the scheduler's prediction type from it); removed after the module."""
+    models = os.path.join(fork_e2e.FORK.path, "models", "Stable-diffusion")
+    made = []
+    try:
+        for name, target in ((V_ACTIVE, x.ACTIVE), (V_BASE, x.BASE)):
+            link = os.path.join(models, name + ".safetensors")
+            os.symlink(os.path.realpath(os.path.join(models, target + ".safetensors")), link)
+            made.append(link)
+            with open(os.path.join(models, name + ".yaml"), "w") as f:
+                f.write(V_YAML)
+            made.append(os.path.join(models, name + ".yaml"))
+        status, _ = h.request(fork.url, "POST", "/sdapi/v1/refresh-checkpoints", {})
+        assert status == 200
+        yield
+    finally:
+        for path in made:
+            os.remove(path)
+
+
+def on(checkpoint):
+    return {"override_settings": {"sd_model_checkpoint": checkpoint}, "override_settings_restore_afterwards": True}
+
+
+def test_v_prediction_sdxl(fork, disabled, v_prediction):
+    """A v-prediction SDXL (Neo reads it from the checkpoint's .yaml): ω = 1 equals off bit for bit, ω = 0
+    at CFG Scale 0 equals the v-prediction base's own image (the base's weights are the eps base's file)."""
+    plain = x.timed("v-pred: disabled (switch)", fork_e2e.generate(fork, on(V_ACTIVE)))
+    assert f"Model: {V_ACTIVE}," in plain.infotext
+    assert fork_e2e.max_difference(plain.pixels, disabled.pixels) > 10, "Neo did not read the .yaml: the image is eps's"
+    same = fork_e2e.generate(fork, {**on(V_ACTIVE), **x.pg(omega=1.0)})
+    assert same.pixels == plain.pixels
+    guided = x.timed("v-pred: ω=0 cfg 0", fork_e2e.generate(fork, {**on(V_ACTIVE), **x.OWN_CALL, **x.pg(omega=0.0)}))
+    active = fork_e2e.generate(fork, {**on(V_ACTIVE), **x.OWN_CALL})
+    base = x.timed("v-pred: base cfg 0 (switch)", fork_e2e.generate(fork, {**on(V_BASE), **x.OWN_CALL}))
+    print(f"\n[pg-e2e-Forge Neo-sdxl] v-prediction: ω=0 vs the v-pred base at cfg 0: "
+          f"{fork_e2e.max_difference(guided.pixels, base.pixels)} (active vs base: {fork_e2e.max_difference(active.pixels, base.pixels)})")
+    assert fork_e2e.max_difference(active.pixels, base.pixels) > 10
+    assert fork_e2e.max_difference(guided.pixels, base.pixels) <= 1
