@@ -54,3 +54,35 @@ def test_the_xyz_plot_lists_the_pg_axes(fork):
     entry = next(e for e in info if e["name"] == "x/y/z plot" and not e["is_img2img"])
     x_type = next(a for a in entry["args"] if a["label"] == "X type")
     assert {"[PG] Enabled", "[PG] ω", "[PG] Base checkpoint", "[PG] Strip LoRAs"} <= set(x_type["choices"]), x_type["choices"]
+
+
+def _memory_gib(pid, field):
+    """VmHWM (peak) or VmRSS (now) of a process, GiB."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def test_seconds_per_step_and_memory_plain_and_with_pg(fork):
+    """Run alone (-k seconds_per_step: no request before it in the process). s/step from the difference
+    of an 8-step and a 4-step request (text encoding, VAE and the HTTP round trip cancel), plain first
+    (a disabled request frees PG's weak weights), then with PG's cached weak weights (ω = 0.3, the base
+    checkpoint); the process's memory after each part."""
+    pid, seconds, memory = fork.process.pid, {}, {}
+    for label, extra in (("plain", {}), ("PG ω=0.3", pg(omega=0.3))):
+        fork_e2e.generate(fork, extra)  # warm: the model loaded, the weak weights built
+        four = fork_e2e.generate(fork, extra)
+        eight = fork_e2e.generate(fork, {**extra, "steps": 8})
+        seconds[label] = (eight.seconds - four.seconds) / 4
+        memory[label] = (_memory_gib(pid, "VmHWM"), _memory_gib(pid, "VmRSS"))
+    with open(fork.log_path, encoding="utf-8", errors="replace") as f:
+        built = [line.strip() for line in f if "built weak model from" in line]
+    print(f"\n[pg-e2e-Forge Neo] 64x64 s/step: plain {seconds['plain']:.2f}, PG {seconds['PG ω=0.3']:.2f} "
+          f"(ratio {seconds['PG ω=0.3'] / seconds['plain']:.2f}); "
+          + "; ".join(f"{k}: peak RSS {m[0]:.1f} GiB, RSS {m[1]:.1f} GiB" for k, m in memory.items()) + f"; builds: {built}")
+    assert seconds["plain"] > 0 and seconds["PG ω=0.3"] > 0
