@@ -21,7 +21,10 @@ from tests.helpers import interpolated_copy
 from tests.test_script import Env, pg_args, same_images
 
 FAKE_NEO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_neo")
-FAKE_PACKAGES = ("backend", "modules_forge", "neo_host", "compile", "lib_pg.hosts.neo", "lib_pg.hosts.forge", "lib_pg.hosts.reforge")
+# modules_forge/initialization.py:27 puts modules_forge/packages on sys.path (huggingface_guess)
+FAKE_NEO_PACKAGES = os.path.join(FAKE_NEO, "modules_forge", "packages")
+FAKE_PACKAGES = ("backend", "modules_forge", "huggingface_guess", "neo_host", "compile", "lib_pg.hosts.neo", "lib_pg.hosts.forge",
+                 "lib_pg.hosts.reforge")
 
 
 def _forget_fake_neo():
@@ -32,6 +35,11 @@ def _forget_fake_neo():
 
     for host in ("neo", "forge", "reforge"):  # `from lib_pg.hosts.neo import controller` would find the forgotten one
         lib_pg.hosts.__dict__.pop(host, None)
+
+
+def load_fake_networks(monkeypatch):
+    """extensions-builtin/sd_forge_lora/networks.py, as the module `networks` (its name in Neo)."""
+    return _load(monkeypatch, "networks", "extensions-builtin", "sd_forge_lora", "networks.py")
 
 
 def _load(monkeypatch, name, *path):
@@ -48,8 +56,7 @@ class NeoEnv(Env):
         self.host = importlib.import_module("neo_host")
         self.samplers = importlib.import_module("backend.sampling.sampling_function")
         self.management = importlib.import_module("backend.memory_management")
-        # extensions-builtin/sd_forge_lora/networks.py, as the module `networks` (its name in Neo)
-        self.networks = _load(monkeypatch, "networks", "extensions-builtin", "sd_forge_lora", "networks.py")
+        self.networks = load_fake_networks(monkeypatch)
         self.forge_objects = self.host.install(self.model, monkeypatch, networks=self.networks)
         self.adapter = importlib.import_module("lib_pg.hosts.neo.controller")
 
@@ -71,6 +78,7 @@ class NeoEnv(Env):
 def _neo_env(tmp_path, monkeypatch, **kwargs):
     _forget_fake_neo()
     monkeypatch.syspath_prepend(FAKE_NEO)
+    monkeypatch.syspath_prepend(FAKE_NEO_PACKAGES)
     importlib.invalidate_caches()
     return NeoEnv(tmp_path, monkeypatch, **kwargs)
 
@@ -267,9 +275,9 @@ def _refused(env, message, **kwargs):
 
 
 def test_other_families_are_refused_by_name(neo, monkeypatch):
-    for family in ("StableDiffusionXL", "Flux", "WAN"):
+    for family in ("StableDiffusionXLRefiner", "Mugen", "Flux", "WAN"):  # backend/diffusion_engine/sdxl.py:129, mugen.py:15, ...
         monkeypatch.setattr(neo.model, "__class__", type(family, (type(neo.model),), {}))
-        with pytest.raises(PGError, match=rf"this model's family \({family}\) is not supported by PG on Forge Neo; supported: SD 1.x"):
+        with pytest.raises(PGError, match=rf"this model's family \({family}\) is not supported by PG on Forge Neo; supported: SD 1.x, SDXL"):
             neo.generate(pg_args(0.3))
 
 
@@ -504,3 +512,220 @@ def test_a_fork_whose_step_callback_never_comes_stops_the_generation(neo, monkey
     with pytest.raises(PGError, match="never announced a step to PG"):
         neo.generate(pg_args(0.3))
     assert module_state_fingerprint(neo.unet) == before
+
+
+# -- SDXL (backend/diffusion_engine/sdxl.py), in Neo's own key space --------------------------------
+class NeoXLEnv:
+    """tests/test_fork_sdxl.py's XLEnv on the fake Neo: a tiny SDXL "fine-tune" (UNet and both text
+    encoders perturbed) loaded as Neo loads it (neo_host.make_sdxl_model), the base next to it."""
+
+    @staticmethod
+    def make(tmp_path, monkeypatch, v_prediction=False):
+        from tests import test_fork_sdxl
+
+        class Env(test_fork_sdxl.XLEnv):
+            def load(self, name, inner):
+                info = sd_models.get_closet_checkpoint_match(name)
+                model = self.host.make_sdxl_model(inner.state_dict(), info, v_prediction=v_prediction)
+                sd_models.set_model(model, info)
+                self.host.install(model, self.monkeypatch, networks=self.networks)
+                self.model = model
+                return model
+
+            def patch_state(self):
+                """Neo's LoRA state, by identity: both patchers' patch lists and uuids, the shared backups."""
+                objects = self.model.forge_objects
+                state = [self.model.current_lora_hash]
+                for patcher in (objects.unet, objects.clip.patcher):
+                    state.append(sorted((key, [id(e) for e in entries]) for key, entries in patcher.patches.items()))
+                    state.append((patcher.patches_uuid, patcher.model.current_weight_patches_uuid,
+                                  sorted((k, id(v.weight)) for k, v in patcher.backup.items())))
+                return state
+
+        from modules import sd_models
+
+        monkeypatch.setitem(test_fork_sdxl.FORKS, "neo", (sys.modules[__name__], FAKE_NEO, "_forget_fake_neo", "neo_host",
+                                                           "lib_pg.hosts.neo.controller", "backend.sampling.sampling_function"))
+        _forget_fake_neo()
+        monkeypatch.syspath_prepend(FAKE_NEO)
+        monkeypatch.syspath_prepend(FAKE_NEO_PACKAGES)
+        importlib.invalidate_caches()
+        return Env("neo", tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def xl(tmp_path, monkeypatch):
+    env = NeoXLEnv.make(tmp_path, monkeypatch)
+    yield env
+    env.adapter.CONTROLLER.shutdown()
+    shared.reset()
+    _forget_fake_neo()
+
+
+def _xl_pg(omega, base="xlbase", **extra):
+    return [{"enabled": True, "omega": omega, "base": base, **extra}]
+
+
+def _xl_strip(omega, **extra):
+    return [{"enabled": True, "omega": omega, "base": "", "strip_loras": True, **extra}]
+
+
+XL_DOG = "a photo of sks dog <lora:xl:1>"
+# The weak rows of a batched call run per layer: float rounding differs from a whole-batch call.
+XL_CLOSE = dict(rtol=1e-4, atol=1e-4)
+
+
+def test_sdxl_weak_weights_are_keyed_in_neos_own_space(xl):
+    """Both text encoders in Neo's Hugging Face layout (OpenCLIP's fused attention split by Neo's
+    process_clip_state_dict), clip_g's projection the Linear Neo reads the pooled vector through."""
+    guided = xl.generate(_xl_pg(0.3))
+    assert "PG base: xlbase.safetensors [" in guided.infotexts[0]
+    weak = xl.adapter.CONTROLLER.cache.weak
+    assert weak.live_family == "SDXL" and weak.unet and weak.text
+    text_modules = {id(m): n for n, m in xl.text_encoders().named_modules()}
+    names = {text_modules[id(layer.module)] for layer in weak.text if id(layer.module) in text_modules}
+    assert any(n.startswith("clip_l.transformer.text_model.") for n in names)
+    assert any(".self_attn.q_proj" in n and n.startswith("clip_g.") for n in names)
+    assert "clip_g.transformer.text_projection" in names
+    # Neo's own parameters no SDXL file holds (clip_l's logit_scale and projection) are never weak
+    assert not any(text_modules.get(id(layer.module)) == "clip_l" for layer in weak.text)
+    assert "clip_l.transformer.text_projection" not in names
+    # the token embeddings' weak tensors reach the module Neo's forward reads (classic_engine.py wraps it)
+    assert not any(type(layer.module).__name__ == "CLIPEmbeddingForTextualInversion" for layer in weak.text)
+
+
+def test_sdxl_omega_one_is_off_bit_for_bit_and_the_model_is_unchanged(xl):
+    plain = xl.generate()  # (Neo's first load records the patch uuid the model carries)
+    before, patches = xl.fingerprint(), xl.patch_state()
+    assert same_images(plain, xl.generate(_xl_pg(1.0)))
+    guided = xl.generate(_xl_pg(0.3))
+    assert not same_images(plain, guided)
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+    with pytest.raises(PGError, match="unknown base checkpoint"):
+        xl.generate(_xl_pg(0.3, base="nope"))
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+    assert same_images(plain, xl.generate())
+
+
+def _check_omega_zero_is_the_base(xl, monkeypatch):
+    monkeypatch.setattr(xl.samplers, "MEMORY_CHUNKS", 1)  # the unconditional chunk in a call of its own
+    vectors = []
+    unet = xl.model.model.diffusion_model
+    handle = unet.register_forward_pre_hook(lambda m, a, k: vectors.append(k["y"].clone()), with_kwargs=True)
+    guided = xl.generate(_xl_pg(0.0), cfg_scale=0.0)
+    handle.remove()
+    active = xl.generate(cfg_scale=0.0)
+    with torch.no_grad():
+        live_pooled = xl.model.get_learned_conditioning(["blurry"])["vector"][:, :32]  # bigG's projected pooled output
+    xl.load("xlbase", xl.base_inner)
+    base = xl.generate(cfg_scale=0.0)
+    assert not same_images(active, base)
+    torch.testing.assert_close(guided.images[0], base.images[0], rtol=0, atol=1e-6)
+    # the weak rows' pooled vector `y` is the base's: clip_g's projection was swapped where Neo reads it
+    with torch.no_grad():
+        pooled = xl.model.get_learned_conditioning(["blurry"])["vector"][:, :32]
+    assert not torch.allclose(pooled, live_pooled)
+    assert any(torch.allclose(v[:1, :32], pooled, rtol=1e-5, atol=1e-6) for v in vectors)
+
+
+def test_sdxl_omega_zero_at_cfg_zero_is_the_base_checkpoint_as_neo_loads_it(xl, monkeypatch):
+    """CFG Scale 0: the image is the unconditional branch alone; at ω = 0 that is the base's UNet and
+    both of its text encoders as Neo converts them: cross-attention context and pooled `y`."""
+    _check_omega_zero_is_the_base(xl, monkeypatch)
+
+
+def test_v_prediction_sdxl(tmp_path, monkeypatch):
+    """A v-prediction SDXL (NoobAI-style: a `v_pred` key, model_list.py:205-209; the scheduler's
+    prediction type set from it, loader.py:933-941): the same identities."""
+    env = NeoXLEnv.make(tmp_path, monkeypatch, v_prediction=True)
+    try:
+        assert env.model.forge_objects.unet.model.prediction_type == "v_prediction"
+        plain = env.generate()
+        assert same_images(plain, env.generate(_xl_pg(1.0)))
+        _check_omega_zero_is_the_base(env, monkeypatch)
+    finally:
+        env.adapter.CONTROLLER.shutdown()
+        shared.reset()
+        _forget_fake_neo()
+
+
+def test_sdxl_automatic_base_is_found(xl):
+    guided = xl.generate(_xl_pg(0.3, base="Automatic"))
+    info = guided.infotexts[0]
+    assert "PG base: xlbase.safetensors [" in info and "PG base distance" in info
+
+
+def test_sdxl_lora_te1_te2_unet_stripped_at_omega_zero_is_the_prompt_without_it(xl, tmp_path, monkeypatch):
+    monkeypatch.setattr(xl.samplers, "MEMORY_CHUNKS", 1)
+    chosen = xl.write_lora(tmp_path / "xl.safetensors")
+    with_lora = xl.generate(prompt=XL_DOG, cfg_scale=0.0)
+    without = xl.generate(cfg_scale=0.0)
+    patches = xl.patch_state()
+    assert not same_images(with_lora, without)
+    assert same_images(xl.generate(_xl_strip(1.0), prompt=XL_DOG, cfg_scale=0.0), with_lora)
+    stripped = xl.generate(_xl_strip(0.0), prompt=XL_DOG, cfg_scale=0.0)
+    torch.testing.assert_close(stripped.images[0], without.images[0], **XL_CLOSE)
+    weak = xl.adapter.CONTROLLER.cache.weak
+    corrected_text = [layer for layer in weak.text if layer.corrections_only]
+    text_modules = {id(m): n for n, m in xl.text_encoders().named_modules()}
+    encoders = {text_modules[id(layer.module)].split(".")[0] for layer in corrected_text}
+    assert encoders == {"clip_l", "clip_g"}, encoders  # low-rank corrections, no copies, in both text encoders
+    assert len(weak.text) == sum(1 for n in chosen if n.startswith("lora_te"))
+    assert any(layer.corrections_only for layer in weak.unet)
+    assert weak.extra_bytes < sum(p.numel() * p.element_size() for p in xl.text_encoders().parameters()) / 4
+    # Neo's own LoRA state and images as before (it merges and unmerges the LoRA itself)
+    assert same_images(xl.generate(prompt=XL_DOG, cfg_scale=0.0), with_lora) and same_images(xl.generate(cfg_scale=0.0), without)
+    assert xl.patch_state() == patches
+
+
+def test_sdxl_base_with_a_lora_in_the_prompt_is_the_base_with_that_lora(xl, tmp_path, monkeypatch):
+    """A base checkpoint and a LoRA in the prompt, ω = 0, CFG Scale 0: the base model with the LoRA as
+    Neo merges it (merge_lora_to_weight, stochastic rounding), text encoders and UNet."""
+    monkeypatch.setattr(xl.samplers, "MEMORY_CHUNKS", 1)
+    xl.write_lora(tmp_path / "xl.safetensors")
+    guided = xl.generate(_xl_pg(0.0), prompt=XL_DOG, cfg_scale=0.0)
+    xl.load("xlbase", xl.base_inner)
+    base_with_lora = xl.generate(prompt=XL_DOG, cfg_scale=0.0)
+    torch.testing.assert_close(guided.images[0], base_with_lora.images[0], rtol=0, atol=1e-6)
+
+
+def test_sdxl_state_unchanged_after_error_and_interrupt(xl, tmp_path):
+    xl.write_lora(tmp_path / "xl.safetensors")
+    xl.generate(prompt=XL_DOG)
+    before, patches = xl.fingerprint(), xl.patch_state()
+    calls = []
+
+    def fail_on_third_call(*_):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+
+    handle = xl.model.model.diffusion_model.register_forward_pre_hook(fail_on_third_call)
+    with pytest.raises(RuntimeError, match="simulated"):
+        xl.generate(_xl_strip(0.3), prompt=XL_DOG)
+    handle.remove()
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+
+    def stop(params):
+        if params.denoiser.step == 1:
+            shared.state.interrupted = True
+
+    script_callbacks.on_cfg_denoiser(stop)
+    try:
+        xl.generate(_xl_pg(0.3), prompt=XL_DOG)
+    finally:
+        script_callbacks.remove_callbacks_for_function(stop)
+        shared.state.interrupted = False
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+
+
+def test_sdxl_lean_and_other_families_are_refused_by_name(xl, monkeypatch):
+    with pytest.raises(PGError, match=r"lean weak weights \('weights': 'lean'\) are not supported on Forge Neo"):
+        xl.generate(_xl_pg(0.3, weights="lean"))
+    monkeypatch.setitem(xl.model.__dict__, "is_inpaint", True)
+    with pytest.raises(PGError, match=r"family \(StableDiffusionXL inpainting\) is not supported by PG on Forge Neo"):
+        xl.generate(_xl_pg(0.3))
+    monkeypatch.setitem(xl.model.__dict__, "is_inpaint", False)
+    monkeypatch.setattr(xl.model, "__class__", type("StableDiffusionXLRefiner", (type(xl.model),), {}))
+    with pytest.raises(PGError, match=r"family \(StableDiffusionXLRefiner\) is not supported by PG on Forge Neo"):
+        xl.generate(_xl_pg(0.3))

@@ -8,42 +8,22 @@ $NEO_PATH/venv/bin/python); CI has none, so the module is skipped there. One for
 
 Neo has no ldm: the random SD 1.5 pair is generated with another install's python and repositories/
 (FORK_GENERATOR_PYTHON, FORK_REPOS: reForge's or webui's), or placed in $NEO_PATH/models/Stable-diffusion
-beforehand. Neo starts with `--cpu` (no `--always-cpu`) and has no `--ckpt`: the active checkpoint is set
-in a settings file of this run's own (`--ui-settings-file`), which also carries Neo's "VERSION_UID"
-(without it Neo waits for Enter at start-up).
+beforehand (symlinks to a shared copy work: with the generator's manifest `.rand-sd15.json` linked too, the
+generator finds them up to date). How Neo is started: tests/e2e/neo_fork.py.
 """
 
 import json
-import os
-import re
 
 import pytest
 
 from . import fork_e2e
+from .neo_fork import neo_fork
 
 if fork_e2e.FORK is not None and fork_e2e.FORK.name != "Forge Neo":
     pytest.skip(f"this run tests {fork_e2e.FORK.name}; run Neo's end-to-end tests in a pytest run of their own", allow_module_level=True)
 
 
-class NeoFork(fork_e2e.Fork):
-    def launch_args(self, checkpoint_path, port):
-        settings = os.path.join(self.path, "pg-e2e-neo-settings.json")  # this run's own; rewritten by the next
-        with open(settings, "w") as f:
-            json.dump({"VERSION_UID": version_uid(self.path), "sd_model_checkpoint": os.path.basename(checkpoint_path),
-                       "live_previews_enable": False}, f)
-        flags = [flag for flag in fork_e2e.FLAGS if flag not in ("--always-cpu", "--no-download-sd-model")]
-        return [*flags, "--cpu", "--server-name", "127.0.0.1", "--port", str(port), "--ui-settings-file", settings]
-
-
-def version_uid(path):
-    """Neo's settings version (modules/launch_utils.py VERSION_UID): a settings file without it makes
-    Neo ask for Enter at start-up."""
-    with open(os.path.join(path, "modules", "launch_utils.py"), encoding="utf-8") as f:
-        found = re.search(r'VERSION_UID\s*(?::\s*\w+\[?\w*\]?)?\s*=\s*"([^"]+)"', f.read())
-    return found.group(1) if found else "PY313"
-
-
-fork_e2e.FORK = NeoFork("Forge Neo", "NEO_PATH", "NEO_PYTHON", ("backend", "modules_forge"))
+fork_e2e.FORK = neo_fork()
 _SKIP = fork_e2e.FORK.skip_reason()
 if _SKIP:
     fork_e2e.FORK = None
@@ -74,3 +54,36 @@ def test_the_xyz_plot_lists_the_pg_axes(fork):
     entry = next(e for e in info if e["name"] == "x/y/z plot" and not e["is_img2img"])
     x_type = next(a for a in entry["args"] if a["label"] == "X type")
     assert {"[PG] Enabled", "[PG] ω", "[PG] Base checkpoint", "[PG] Strip LoRAs"} <= set(x_type["choices"]), x_type["choices"]
+
+
+def _memory_gib(pid, field):
+    """VmHWM (peak) or VmRSS (now) of a process, GiB."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def test_seconds_per_step_and_memory_plain_and_with_pg(fork):
+    """Run alone (-k seconds_per_step: no request before it in the process). s/step from the difference
+    of a 12-step and a 4-step request, the faster of two each (text encoding, VAE and the HTTP round
+    trip cancel; the minimum discounts other jobs' spikes), plain first
+    (a disabled request frees PG's weak weights), then with PG's cached weak weights (ω = 0.3, the base
+    checkpoint); the process's memory after each part."""
+    pid, seconds, memory = fork.process.pid, {}, {}
+    for label, extra in (("plain", {}), ("PG ω=0.3", pg(omega=0.3))):
+        fork_e2e.generate(fork, extra)  # warm: the model loaded, the weak weights built
+        four = min(fork_e2e.generate(fork, extra).seconds for _ in range(2))
+        twelve = min(fork_e2e.generate(fork, {**extra, "steps": 12}).seconds for _ in range(2))
+        seconds[label] = (twelve - four) / 8
+        memory[label] = (_memory_gib(pid, "VmHWM"), _memory_gib(pid, "VmRSS"))
+    with open(fork.log_path, encoding="utf-8", errors="replace") as f:
+        built = [line.strip() for line in f if "built weak model from" in line]
+    print(f"\n[pg-e2e-Forge Neo] 64x64 s/step: plain {seconds['plain']:.2f}, PG {seconds['PG ω=0.3']:.2f} "
+          f"(ratio {seconds['PG ω=0.3'] / seconds['plain']:.2f}); "
+          + "; ".join(f"{k}: peak RSS {m[0]:.1f} GiB, RSS {m[1]:.1f} GiB" for k, m in memory.items()) + f"; builds: {built}")
+    assert seconds["plain"] > 0 and seconds["PG ω=0.3"] > 0

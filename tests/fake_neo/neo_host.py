@@ -10,6 +10,12 @@
   `computation_dtype`), `forge_objects.clip.cond_stage_model.clip_l` the text encoder (an
   IntegratedCLIP, backend/nn/clip.py: `.transformer` plus its own `logit_scale`) whose token
   embedding is wrapped by backend/text_processing/classic_engine.py CLIPEmbeddingForTextualInversion.
+- backend/diffusion_engine/sdxl.py StableDiffusionXL (:15-77): `forge_objects.clip.cond_stage_model`
+  a JointTextEncoder {"clip_l", "clip_g"} of IntegratedCLIPs converted at load by the guess's
+  process_clip_state_dict (backend/loader.py split_state_dict :823-880, model_list.py:211-217),
+  bigG's pooled output through the Linear `clip_g.transformer.text_projection`
+  (classic_engine.py:119-120), conditioning {"crossattn", "vector"} that
+  backend/sampling/condition.py compile_conditions (:107-110) feeds as c_crossattn and `y`.
 """
 
 import torch
@@ -23,21 +29,26 @@ from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 
 
 class KModel(torch.nn.Module):
-    # backend/modules/k_model.py KModel (eps prediction; the fake webui's sigma -> t)
-    def __init__(self, diffusion_model, sigma_to_t):
+    # backend/modules/k_model.py KModel (:9-58; the fake webui's sigma -> t) with its predictor's
+    # calculate_denoised (backend/modules/k_prediction.py:73-78): eps, or v-prediction (sigma_data 1)
+    def __init__(self, diffusion_model, sigma_to_t, prediction_type="epsilon"):
         super().__init__()
         self.diffusion_model = diffusion_model
         self.storage_dtype = diffusion_model.storage_dtype
         self.computation_dtype = diffusion_model.computation_dtype
         self._sigma_to_t = sigma_to_t
+        self.prediction_type = prediction_type
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = t
         xc = x / (sigma[:, None, None, None] ** 2 + 1) ** 0.5
         timestep = self._sigma_to_t(sigma).to(x.dtype)
-        eps = self.diffusion_model(xc, timestep, context=c_crossattn, control=control, transformer_options=transformer_options,
+        out = self.diffusion_model(xc, timestep, context=c_crossattn, control=control, transformer_options=transformer_options,
                                    **kwargs).float()
-        return x - eps * sigma[:, None, None, None]
+        s = sigma[:, None, None, None]
+        if self.prediction_type == "v_prediction":
+            return x / (s ** 2 + 1) - out * s / (s ** 2 + 1) ** 0.5
+        return x - out * s
 
 
 class ForgeObjects:
@@ -47,6 +58,14 @@ class ForgeObjects:
 
     def shallow_copy(self):
         return ForgeObjects(self.unet, self.clip)
+
+
+def _model_conds(cond):
+    # backend/sampling/condition.py compile_conditions (:94-110): SDXL's dict gives the cross-attention
+    # and `y` (the pooled vector)
+    if isinstance(cond, dict):
+        return {"c_crossattn": cond["crossattn"], "y": cond["vector"]}
+    return {"c_crossattn": cond}
 
 
 def neo_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
@@ -65,11 +84,14 @@ def neo_forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_co
     elif (self.step % 2 or opts.s_min_uncond_all) and (0 < sigma[0] < s_min_uncond):
         cond_scale = 1.0
     unet = shared.sd_model.forge_objects.unet
-    uncond_entries = [{"model_conds": {"c_crossattn": params.text_uncond}}]
+    # sampling_function (:326-334): compile_conditions / compile_weighted_conditions
+    uncond_entries = [{"model_conds": _model_conds(params.text_uncond)}]
     cond_entries = []
     for cond_pre in map(list, zip(*cond_composition)):
         indices = [i for i, _w in cond_pre]
-        cond_entries.append({"model_conds": {"c_crossattn": params.text_cond[indices]}, "strength": cond_pre[-1][1]})
+        text_cond = params.text_cond
+        feed = {k: v[indices] for k, v in text_cond.items()} if isinstance(text_cond, dict) else text_cond[indices]
+        cond_entries.append({"model_conds": _model_conds(feed), "strength": cond_pre[-1][1]})
     denoised = sampling_function_inner(unet.model, x, sigma, uncond_entries, cond_entries, cond_scale, unet.model_options)
     self.step += 1
     return denoised
@@ -87,27 +109,84 @@ class CLIPEmbeddingForTextualInversion(torch.nn.Module):
         return self.wrapped(input_ids)
 
 
+class IntegratedCLIP(torch.nn.Module):
+    # backend/nn/clip.py:4-12: the HF text model as `.transformer`, its own logit_scale, and with
+    # `add_text_projection` (backend/loader.py:153, both SDXL encoders) a Linear
+    # `transformer.text_projection` (load_state_dict ignores its absence, :155: clip_l's keeps its init)
+    def __init__(self, transformer, add_text_projection=False):
+        super().__init__()
+        self.transformer = transformer
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+        if add_text_projection:
+            width = transformer.text_model.final_layer_norm.weight.shape[0]
+            self.transformer.text_projection = torch.nn.Linear(width, width, bias=False)
+            with torch.no_grad():
+                self.transformer.text_projection.weight.copy_(torch.eye(width))
+
+
+def make_sdxl_model(state, checkpoint_info=None, v_prediction=False):
+    """An SDXL checkpoint (sgm keys) as Neo loads it: backend/loader.py split_state_dict converts the
+    text encoders with the guess's process_clip_state_dict (model_list.py:211-217) and loads each into
+    an IntegratedCLIP (loader.py:140-156); sdxl.py:19 joins them as {"clip_l", "clip_g"} and
+    classic_engine.py wraps their token embeddings; bigG's pooled output goes through the Linear
+    `clip_g.transformer.text_projection` (classic_engine.py:119-120). The engine keeps the guess as
+    `model_config` (backend/diffusion_engine/base.py:35), its model type read from the file
+    (model_list.py:205-209: a `v_pred` key)."""
+    from huggingface_guess import model_list
+    from tests.fork_sdxl_models import ForkSDXL, hf_text_model, text_state, tiny_unet
+
+    config = model_list.SDXL()
+    config.model_type = config.model_type({"v_pred": None} if v_prediction else state)  # loader.py:852
+    converted = config.process_clip_state_dict(text_state(state))
+    encoders = torch.nn.ModuleDict({"clip_l": IntegratedCLIP(hf_text_model("clip_l"), add_text_projection=True),
+                                    "clip_g": IntegratedCLIP(hf_text_model("clip_g"), add_text_projection=True)})
+    with torch.no_grad():
+        missing = [k for k in encoders.load_state_dict(converted, strict=False).missing_keys if not k.endswith("position_ids")]
+    assert set(missing) <= {"clip_l.transformer.text_projection.weight", "clip_l.logit_scale", "clip_g.logit_scale"}, missing
+    for encoder in encoders.values():
+        embeddings = encoder.transformer.text_model.embeddings
+        embeddings.token_embedding = CLIPEmbeddingForTextualInversion(embeddings.token_embedding)
+    clip_g = encoders["clip_g"]
+    inner = ForkSDXL(tiny_unet(state), encoders, lambda pooled: clip_g.transformer.text_projection(pooled))
+    from modules import sd_models
+
+    model = sd_models.FakeSdModel(inner, checkpoint_info)
+    model.__dict__["model_config"] = config
+    return model
+
+
 class _NeoUNetForward:
     # backend/nn/unet.py IntegratedUNet2DConditionModel.forward's signature (:657)
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         return super().forward(x, timesteps, context=context, y=y)
 
 
-def install(sd_model, monkeypatch, engine_name="StableDiffusion", networks=None):
+def install(sd_model, monkeypatch, engine_name=None, networks=None):
     """Make the fake webui's loaded `sd_model` look like Neo's engine, for one test; with
-    `networks` (the fake sd_forge_lora networks module) the prompt's <lora:...> are activated."""
+    `networks` (the fake sd_forge_lora networks module) the prompt's <lora:...> are activated.
+    An SDXL model from `make_sdxl_model` brings its own text encoders (engine "StableDiffusionXL",
+    the default for it; "StableDiffusion" otherwise)."""
     unet = sd_model.model.diffusion_model
     monkeypatch.setattr(unet, "__class__", type("IntegratedUNet2DConditionModel", (_NeoUNetForward, type(unet)), {}))
     d_unet = unet.__dict__
     d_unet["storage_dtype"] = next(unet.parameters()).dtype  # backend/loader.py: model.storage_dtype / computation_dtype
     d_unet["computation_dtype"] = next(unet.parameters()).dtype
-    embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
-    monkeypatch.setattr(embeddings, "token_embedding", CLIPEmbeddingForTextualInversion(embeddings.token_embedding))
-    clip_l = torch.nn.Module()
-    clip_l.transformer = sd_model.cond_stage_model.transformer
-    clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+    if getattr(sd_model, "is_sdxl", False):
+        text_encoders = dict(sd_model.text_encoders.items())
+        engine_name = engine_name or "StableDiffusionXL"
+    else:
+        embeddings = sd_model.cond_stage_model.transformer.text_model.embeddings
+        monkeypatch.setattr(embeddings, "token_embedding", CLIPEmbeddingForTextualInversion(embeddings.token_embedding))
+        clip_l = torch.nn.Module()
+        clip_l.transformer = sd_model.cond_stage_model.transformer
+        clip_l.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+        text_encoders = {"clip_l": clip_l}
+    engine_name = engine_name or "StableDiffusion"
     wrap = sd_samplers_common.CompVisDenoiserLike(sd_model)
-    forge_objects = ForgeObjects(UnetPatcher(KModel(unet, wrap.sigma_to_t)), CLIP({"clip_l": clip_l}))
+    # backend/loader.py:933-941: the scheduler's prediction type from the guess's model type
+    model_type = getattr(getattr(sd_model, "model_config", None), "model_type", None)
+    prediction = "v_prediction" if getattr(model_type, "name", None) == "V_PREDICTION" else "epsilon"
+    forge_objects = ForgeObjects(UnetPatcher(KModel(unet, wrap.sigma_to_t, prediction)), CLIP(text_encoders))
     d = sd_model.__dict__
     d["forge_objects"] = forge_objects
     d["forge_objects_original"] = forge_objects.shallow_copy()

@@ -14,7 +14,9 @@ sd_models.read_state_dict is a stub). Sampling is tagged as on reForge
 Supported here: SD 1.x, SDXL (eps and v-prediction) and SD 2.x, with a base
 checkpoint (exact or lean) and/or LoRAs to strip, as on reForge. LoRAs come
 from Forge's own patch lists (`lora_patches`, one entry per LoRA file) and are
-merged with its merge_lora_to_weight. SDXL and SD 2.x are seen in Forge's own
+merged with its merge_lora_to_weight. The views, the base checkpoint's reading
+and conversion are what Forge shares with Neo (lib_pg.hosts.common.forge_engine).
+SDXL and SD 2.x are seen in Forge's own
 key space (lib_pg.hosts.common.forks NativeView over
 `forge_objects.clip.cond_stage_model`, a JointTextEncoder{clip_l, clip_g} of
 IntegratedCLIPs in Hugging Face layout, clip_g's projection the Linear
@@ -25,14 +27,12 @@ split_state_dict does). Refused by name: other engines (the SDXL refiner, SD3,
 Flux, ...), inpainting models, quantized UNets, online LoRAs.
 """
 
-import os
-
 import torch
 
 from lib_pg.errors import PGError
 from lib_pg.hosts.common.fork_loras import PatcherLoras
+from lib_pg.hosts.common.forge_engine import ForgeEngineParts
 from lib_pg.hosts.common.forks import ForkController
-from lib_pg.weights import read_checkpoint
 
 SUPPORTED_ENGINES = ("StableDiffusion",)  # backend/diffusion_engine/sd15.py
 # backend/diffusion_engine/sdxl.py, sd20.py: seen in Forge's own key space
@@ -40,27 +40,9 @@ NATIVE_ENGINES = ("StableDiffusionXL", "StableDiffusion2")
 QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
 
 
-class LdmView(torch.nn.Module):
-    """The engine's UNet and text encoder under ldm's names (shares their modules, owns nothing)."""
-
-    def __init__(self, engine):
-        super().__init__()
-        self.model = torch.nn.Module()
-        self.model.diffusion_model = engine.forge_objects.unet.model.diffusion_model
-        self.cond_stage_model = engine.forge_objects.clip.cond_stage_model.clip_l
-
-
-def checkpoint_keys(path):
-    if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return set(f.keys())
-    return None
-
-
-class ForgeController(ForkController):
+class ForgeController(ForgeEngineParts, ForkController):
     HOST = "Forge"
+    NATIVE_ENGINES = NATIVE_ENGINES
 
     def check_model(self, engine):
         family = type(engine).__name__
@@ -109,42 +91,10 @@ class ForgeController(ForkController):
         return (getattr(engine, "current_lora_hash", None), str(list(objects.unet.lora_patches)),
                 str(list(objects.clip.patcher.lora_patches)))
 
-    def ldm_view(self, engine):
-        return LdmView(engine)
-
-    def native(self, engine):
-        return type(engine).__name__ in NATIVE_ENGINES
-
-    def convert_text(self, engine):
-        """huggingface_guess model_list SDXL/SD20.process_clip_state_dict of the engine's own
-        guess (backend/diffusion_engine/base.py keeps it as `model_config`), as
-        backend/loader.py split_state_dict converts the text encoders before loading them."""
-        return engine.model_config.process_clip_state_dict
-
-    def cache_identity(self, engine):
-        return (id(engine.forge_objects.unet.model),)
-
-    def read_base(self, path):
-        return read_checkpoint(path)  # Forge's sd_models.read_state_dict is a stub
-
-    def host_parameters(self, engine):
-        """Forge's own parameters (logit_scale): in the live model, in no checkpoint file."""
-        active = getattr(engine, "sd_checkpoint_info", None)
-        active_keys = checkpoint_keys(active.filename) if active is not None and os.path.isfile(active.filename) else None
-        return lambda key: active_keys is not None and key not in active_keys
-
     def load_text_encoder(self, engine):
         from backend import memory_management
 
         memory_management.load_model_gpu(engine.forge_objects.clip.patcher)
-
-    def adjust_weak(self, weak):
-        for layer in weak.text:
-            # backend/text_processing/classic_engine.py CLIPEmbeddingForTextualInversion registers the
-            # embedding's weight as its own parameter too; the forward reads the wrapped one's.
-            if type(layer.module).__name__ == "CLIPEmbeddingForTextualInversion":
-                layer.module = layer.module.wrapped
-                layer._fixed_swaps = None
 
 
 CONTROLLER = ForgeController()

@@ -7,7 +7,8 @@ sd15.py) whose UNet is `forge_objects.unet.model.diffusion_model` (ldm names)
 and whose text encoder is `forge_objects.clip.cond_stage_model.clip_l`; its
 sampling tags each chunk of a UNet call in `transformer_options["cond_or_uncond"]`
 (backend/sampling/sampling_function.py), so lib_pg.hosts.common.forks works as
-on Forge. What Neo rewrote is the model patcher (backend/patcher/base.py, after
+on Forge (SDXL's pooled vector is the `y` of each chunk's model_conds,
+backend/sampling/condition.py:107-110). What Neo rewrote is the model patcher (backend/patcher/base.py, after
 ComfyUI's): per-key `patches[key] = [(strength, adapter, strength_model, offset,
 function, online_mode), ...]` with no LoRA file named, `backup[key]` a
 (weight, inplace_update) namedtuple, merges through
@@ -18,32 +19,44 @@ entries found by position, counted by replaying Neo's own
 `load_lora_for_models` (extensions-builtin/sd_forge_lora/networks.py) over the
 original patchers, and merges with Neo's own functions.
 
-Supported here: SD 1.x, with a base checkpoint and/or LoRAs to strip (and
-LoRAs in the prompt). Refused by name before sampling: other families,
-inpainting models, UNets whose weights are not plain fp32/fp16/bf16 tensors
-(nf4/fp4/gguf, fp8 storage, mixed-precision QuantizedTensor, int8, nunchaku
-SVDQ), the torch.compile script's swap, the fast refiner swap (it loads the
-refiner's weights into the same UNet mid-sampling), online LoRA, and (at the
-first UNet call) LoRAs Neo left to a layer's forward in low-VRAM mode.
+Supported here: SD 1.x and SDXL (eps, v-prediction and rectified-flow SDXL;
+backend/diffusion_engine/sdxl.py StableDiffusionXL), with a base checkpoint
+(exact weak weights) and/or LoRAs to strip (and LoRAs in the prompt). SDXL is
+seen in Neo's own key space as on Forge (lib_pg.hosts.common.forks NativeView
+over `forge_objects.clip.cond_stage_model`, a JointTextEncoder{clip_l, clip_g} of
+IntegratedCLIPs in Hugging Face layout; a base checkpoint's text encoders
+converted by the engine's own huggingface_guess `model_config.process_clip_state_dict`,
+modules_forge/packages/huggingface_guess/model_list.py:211-217, as backend/loader.py
+split_state_dict does); the views and the base's reading are what Neo shares with
+Forge (lib_pg.hosts.common.forge_engine). Refused by name before sampling: other
+families (the SDXL refiner, Mugen, Flux, ...), inpainting models, lean weak
+weights (the forks' lean path is tested on Forge's and reForge's patchers), UNets
+whose weights are not plain fp32/fp16/bf16 tensors (nf4/fp4/gguf, fp8 storage,
+mixed-precision QuantizedTensor, int8, nunchaku SVDQ), the torch.compile
+script's swap, the fast refiner swap (it loads the refiner's weights into the
+same UNet mid-sampling), online LoRA, and (at the first UNet call) LoRAs Neo
+left to a layer's forward in low-VRAM mode.
 """
 
 import ast
 import contextlib
 import logging
-import os
 import sys
 
 import torch
 
 from lib_pg.errors import PGError
 from lib_pg.hosts.common.fork_loras import PatcherLoras, split_patches_by_lora
+from lib_pg.hosts.common.forge_engine import ForgeEngineParts
 from lib_pg.hosts.common.forks import ForkController
 from lib_pg.hosts.common.lean import WeightsPlan
-from lib_pg.weights import read_checkpoint
 
 from modules import shared  # noqa: E402
 
 SUPPORTED_ENGINES = ("StableDiffusion",)  # backend/diffusion_engine/sd15.py
+# backend/diffusion_engine/sdxl.py:15 StableDiffusionXL (eps, v-prediction and rectified-flow SDXL: the
+# guess's model type picks the predictor, the weights are laid out alike): seen in Neo's own key space
+NATIVE_ENGINES = ("StableDiffusionXL",)
 DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # backend/patcher/lora.py and extensions-builtin/sd_forge_lora/networks.py log under this name
 # (one line per LoRA and patcher): PG's replay of the LoRA loading is kept out of the console.
@@ -51,25 +64,6 @@ LORA_LOGGER = "lora"
 # extensions-builtin/sd_forge_compile/scripts/compile.py: the KModel attribute holding the
 # apply_model it wrapped with torch.compile.
 COMPILE_WRAPPED = "_orig_apply_model"
-
-
-class LdmView(torch.nn.Module):
-    """The engine's UNet and text encoder under ldm's names (shares their modules, owns nothing)."""
-
-    def __init__(self, engine):
-        super().__init__()
-        self.model = torch.nn.Module()
-        self.model.diffusion_model = engine.forge_objects.unet.model.diffusion_model
-        self.cond_stage_model = engine.forge_objects.clip.cond_stage_model.clip_l
-
-
-def checkpoint_keys(path):
-    if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return set(f.keys())
-    return None
 
 
 def lora_targets(engine):
@@ -106,16 +100,17 @@ def not_dense(module):
     return None
 
 
-class NeoController(ForkController):
+class NeoController(ForgeEngineParts, ForkController):
     HOST = "Forge Neo"
+    NATIVE_ENGINES = NATIVE_ENGINES
 
     # -- what PG refuses ---------------------------------------------------
     def check_model(self, engine):
         family = type(engine).__name__
         inpaint = getattr(engine, "is_inpaint", False)
-        if family not in SUPPORTED_ENGINES or inpaint:
+        if family not in SUPPORTED_ENGINES + NATIVE_ENGINES or inpaint:
             raise PGError(f"this model's family ({family}{' inpainting' if inpaint else ''}) "
-                          f"is not supported by PG on {self.HOST}; supported: SD 1.x")
+                          f"is not supported by PG on {self.HOST}; supported: SD 1.x, SDXL")
         from backend.args import dynamic_args
 
         kmodel = engine.forge_objects.unet.model
@@ -244,34 +239,12 @@ class NeoController(ForkController):
                 raise PGError(f"{self.HOST} loaded the UNet in low-VRAM mode, applying the LoRAs (or weight wrappers) in each "
                               "layer's forward: PG does not support that; free GPU memory (or use a base checkpoint without LoRAs)")
 
-    # -- the engine ------------------------------------------------------------
-    def ldm_view(self, engine):
-        return LdmView(engine)
-
-    def cache_identity(self, engine):
-        return (id(engine.forge_objects.unet.model),)
-
-    def read_base(self, path):
-        return read_checkpoint(path)  # Neo has no sd_models.read_state_dict
-
-    def host_parameters(self, engine):
-        """Neo's own parameters (IntegratedCLIP's logit_scale): in the live model, in no checkpoint file."""
-        active = getattr(engine, "sd_checkpoint_info", None)
-        active_keys = checkpoint_keys(active.filename) if active is not None and os.path.isfile(active.filename) else None
-        return lambda key: active_keys is not None and key not in active_keys
-
+    # -- the engine (the rest is Forge's: lib_pg.hosts.common.forge_engine) ---------
     def load_text_encoder(self, engine):
         from backend import memory_management
 
         memory_management.load_model_gpu(engine.forge_objects.clip.patcher)
 
-    def adjust_weak(self, weak):
-        for layer in weak.text:
-            # backend/text_processing/classic_engine.py CLIPEmbeddingForTextualInversion registers the
-            # embedding's weight as its own parameter too; the forward reads the wrapped one's.
-            if type(layer.module).__name__ == "CLIPEmbeddingForTextualInversion":
-                layer.module = layer.module.wrapped
-                layer._fixed_swaps = None
 
 
 CONTROLLER = NeoController()

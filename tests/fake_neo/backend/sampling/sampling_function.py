@@ -1,6 +1,6 @@
 """backend/sampling/sampling_function.py (Neo 2.26, :156-290, :365-389): calc_cond_uncond_batch and the CFG around it.
 
-The same as Forge's for SD 1.x (the PixelDiT context_handler aside). Kept from the real code: COND = 0 / UNCOND = 1 tags, every cond entry first then the uncond entry,
+The same as Forge's for SD 1.x and SDXL (the PixelDiT context_handler aside). Kept from the real code: COND = 0 / UNCOND = 1 tags, every cond entry first then the uncond entry,
 `to_batch_temp.reverse()` (uncond chunk first), each entry a chunk of x_in.shape[0] rows,
 `transformer_options` with cond_or_uncond, cond_indices, uncond_indices, the optional
 model_function_wrapper, and `uncond_ = None` when cond_scale is 1 (no unconditional pass);
@@ -34,16 +34,20 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
                          if to_run[x][0]["c"]["c_crossattn"].shape[1] == first[0]["c"]["c_crossattn"].shape[1]]
         to_batch_temp.reverse()
         to_batch = to_batch_temp[:MEMORY_CHUNKS] if MEMORY_CHUNKS else to_batch_temp
-        input_x, mult, crossattn, cond_or_uncond = [], [], [], []
+        input_x, mult, crossattn, ys, cond_or_uncond = [], [], [], [], []
         for x in to_batch:
             p, tag = to_run.pop(x)
             input_x.append(p["input_x"])
             mult.append(p["mult"])
             crossattn.append(p["c"]["c_crossattn"])
+            if "y" in p["c"]:
+                ys.append(p["c"]["y"])  # backend/sampling/condition.py Condition.concat: SDXL's pooled vector
             cond_or_uncond.append(tag)
         batch_chunks = len(cond_or_uncond)
         input_x = torch.cat(input_x)
         c = {"c_crossattn": torch.cat(crossattn)}
+        if ys:
+            c["y"] = torch.cat(ys)
         transformer_options = dict(model_options.get("transformer_options", {}))
         cl = x_in.shape[0]
         transformer_options["cond_or_uncond"] = cond_or_uncond[:]
