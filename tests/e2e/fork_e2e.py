@@ -10,6 +10,7 @@ with rand-sd15-ft active. Expect 5-15 s per 64x64, 4-step image and 40-50 s per 
 on a small CPU machine, 6-7 GB of RAM plus the weak weights (3.3 GB in fp32).
 """
 
+import hashlib
 import json
 import os
 import shlex
@@ -77,6 +78,37 @@ REQUEST = {
     "save_images": False,
     "override_settings": {"live_previews_enable": False},  # its TAESD preview would be downloaded
 }
+
+
+def link_shared_models(shared, models_dir, names, manifest, generator):
+    """Link the random checkpoints another run generated (FORK_SD15_MODELS / FORK_SDXL_MODELS: a folder
+    holding `names` and the generator's manifest) into the fork's models folder instead of generating
+    them again; refused unless that manifest is the generator's current one (its sha256). Returns
+    the links made (removed after the module); files already there are left alone."""
+    with open(generator, "rb") as script, open(os.path.join(shared, manifest)) as written:
+        current, recorded = hashlib.sha256(script.read()).hexdigest(), json.load(written).get("script")
+    assert recorded == current, (f"{shared}/{manifest} was written by another version of {os.path.basename(generator)}: "
+                                 "regenerate the shared models (or unset the variable to generate them here)")
+    os.makedirs(models_dir, exist_ok=True)
+    made = []
+    for name in (*(n + ".safetensors" for n in names), manifest):
+        source, link = os.path.join(shared, name), os.path.join(models_dir, name)
+        assert os.path.isfile(source), f"{source} is missing"
+        if os.path.lexists(link):
+            assert not os.path.islink(link) or os.path.realpath(link) == os.path.realpath(source), f"{link} links elsewhere"
+            continue
+        os.symlink(source, link)
+        made.append(link)
+    return made
+
+
+def shared_lora(variable, name):
+    """A LoRA file another run generated: $<variable> names the file, or the folder of the shared
+    models holds `<name>.safetensors`; None: generate it here."""
+    path = os.environ.get(variable)
+    if path and os.path.isdir(path):
+        path = os.path.join(path, name + ".safetensors")
+    return path if path and os.path.isfile(path) else None
 
 
 def pg(**settings):
@@ -171,9 +203,15 @@ def fork(request):
     started = time.perf_counter()
     failures_before = request.session.testsfailed
     models = os.path.join(FORK.path, "models", "Stable-diffusion")
-    out = subprocess.run([FORK.generator_python, GENERATOR, models, "--repos", FORK.repositories], cwd=FORK.path,
-                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=1800)
+    shared = os.environ.get("FORK_SD15_MODELS")
+    if shared:  # generated once for every host (tests/e2e/make_sd15_checkpoints.py): linked, not generated again
+        linked = link_shared_models(shared, models, (BASE, ACTIVE), ".rand-sd15.json", GENERATOR)
+        out = subprocess.CompletedProcess([], 0, stdout=f"linked from {shared} ({len(linked)} new links)")
+    else:
+        linked = []
+        out = subprocess.run([FORK.generator_python, GENERATOR, models, "--repos", FORK.repositories], cwd=FORK.path,
+                             env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:]
     link = os.path.join(FORK.path, "extensions", h.EXTENSION_NAME)
     made_link = False
@@ -191,6 +229,8 @@ def fork(request):
         server.stop()
         if made_link:
             os.unlink(link)
+        for path in linked:
+            os.unlink(path)
         if request.session.testsfailed == failures_before and os.path.exists(server.log_path):
             os.remove(server.log_path)  # kept (and its tail shown in the report) when a test failed
         print(f"\n[pg-e2e-{FORK.name}] fixture total {time.perf_counter() - started:.1f} s; "
@@ -310,11 +350,16 @@ def lora(fork):
     folder = os.path.join(FORK.path, "models", "Lora")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LORA + ".safetensors")
-    checkpoint = os.path.join(FORK.path, "models", "Stable-diffusion", ACTIVE + ".safetensors")
-    out = subprocess.run([FORK.python, LORA_GENERATOR, checkpoint, path, "--seed", "3"], cwd=FORK.path,
-                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:]
+    given = shared_lora("FORK_SD15_LORA", LORA) or shared_lora("FORK_SD15_MODELS", LORA)
+    if given:  # make_sd15_lora.py's output for rand-sd15-ft, generated once for every host
+        assert not os.path.lexists(path), f"{path} exists"
+        os.symlink(given, path)
+    else:
+        checkpoint = os.path.join(FORK.path, "models", "Stable-diffusion", ACTIVE + ".safetensors")
+        out = subprocess.run([FORK.python, LORA_GENERATOR, checkpoint, path, "--seed", "3"], cwd=FORK.path,
+                             env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout[-4000:]
     try:
         status, _ = h.request(fork.url, "POST", "/sdapi/v1/refresh-loras", {})
         assert status == 200
