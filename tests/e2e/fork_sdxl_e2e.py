@@ -248,7 +248,7 @@ def test_lean_is_within_budget_and_closer_to_exact_than_cfg(fork, base_images):
     lean = timed("lean ω=0 cfg 0 (factored)", f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="lean")}))
     memory_mark(fork, "PG lean (factoring, first image)")
     plain = f.generate(fork, OWN_CALL)
-    assert "PG weights: low-rank" in lean.infotext, lean.infotext
+    assert 'PG weights: "low-rank' in lean.infotext, lean.infotext
     lines = log_lines(fork, "lean weak weights from")
     assert lines, "no lean build logged"
     spent, budget = (float(x) for x in re.search(r"([\d.]+) MiB of a ([\d.]+) MiB budget", lines[-1]).groups())
