@@ -138,7 +138,29 @@ class ForkServer:
         self.command = [FORK.python, "launch.py", *FORK.launch_args(ckpt, self.port), *shlex.split(os.environ.get("FORK_EXTRA_ARGS", ""))]
         self.process = None
 
+    # reForge @ 3b56b268 loads the --ckpt model (modules/initialize.py main_thread.async_run) while the
+    # API thread builds its routes; the load's memory cleanup walks gc.get_objects()
+    # (modules/sd_models.py force_memory_deallocation), which can hold a reference to a tuple pydantic
+    # is still resizing: the API thread dies with "SystemError: Objects/tupleobject.c:927" and the API
+    # never answers, while the process lives on. A fresh start is another draw of that race.
+    API_THREAD_DIED = ("Exception in thread", "api_only_worker")
+    START_TRIES = 3
+
     def start(self, timeout=600):
+        for attempt in range(1, self.START_TRIES + 1):
+            if self._start(timeout):
+                return
+            self.stop()
+            print(f"\n[pg-e2e-{FORK.name}] the API thread died at start-up (try {attempt}); restarting")
+            os.replace(self.log_path, f"{self.log_path}.died-{attempt}")
+        raise RuntimeError(f"{FORK.name}'s API thread died at start-up {self.START_TRIES} times; logs {self.log_path}.died-*")
+
+    def _api_thread_died(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            text = log.read()
+        return all(fragment in text for fragment in self.API_THREAD_DIED)
+
+    def _start(self, timeout):
         h.CURRENT_LOG["path"] = self.log_path
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
@@ -147,11 +169,13 @@ class ForkServer:
         while time.perf_counter() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{FORK.name} exited with {self.process.returncode}; log {self.log_path}")
+            if self._api_thread_died():
+                return False
             try:
                 status, _ = h.request(self.url, "GET", "/sdapi/v1/sd-models", timeout=10)
                 if status == 200:
                     self.start_seconds = time.perf_counter() - started
-                    return
+                    return True
             except OSError:
                 pass
             time.sleep(2)
