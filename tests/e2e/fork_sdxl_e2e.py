@@ -220,9 +220,11 @@ def test_omega_03_changes_the_image_and_is_reproducible(fork, disabled, pg03):
 @pytest.fixture(scope="module")
 def base_images(fork):
     """The base checkpoint's own images at CFG Scale 0 (its unconditional branch alone)."""
+    reset_peak(fork)
     own = timed("base checkpoint cfg 0 (switch)", f.generate(fork, {**OWN_CALL, **TO_BASE}))
     batched = f.generate(fork, {"cfg_scale": 0, **TO_BASE})
     assert f"Model: {BASE}," in own.infotext
+    memory_mark(fork, "plain, switched to the base checkpoint and back (twice)")
     return own, batched
 
 
@@ -244,7 +246,7 @@ def test_omega_zero_is_the_base_model_at_cfg_zero(fork, base_images):
 def test_lean_is_within_budget_and_closer_to_exact_than_cfg(fork, base_images):
     base_own, _ = base_images
     exact = f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="exact")})
-    reset_peak(fork)
+    memory_mark(fork, "PG exact (built again), before lean")
     lean = timed("lean ω=0 cfg 0 (factored)", f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="lean")}))
     memory_mark(fork, "PG lean (factoring, first image)")
     plain = f.generate(fork, OWN_CALL)
