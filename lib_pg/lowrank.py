@@ -872,11 +872,16 @@ def _correctable(module) -> bool:
     return type(module) is torch.nn.Linear
 
 
-def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_omega_key, device_for=None) -> WeakModel:
+def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_omega_key, device_for=None,
+                          correctable=None) -> WeakModel:
     """The weak model from lean factors: factored layers (and bias-only
     differences of Linear/Conv layers) as corrections on the weak rows, the
     rest as weak copies θ_live − D (θ_ω for a constant ω), in the live dtype
-    on the live (or `device_for`'s) device. ω = 1 keeps nothing."""
+    on the live (or `device_for`'s) device. ω = 1 keeps nothing.
+    `correctable(module)`: which layers take corrections (default: torch's own
+    Linear, Conv2d and Embedding; a host with layer classes of its own says
+    which of them compute F.linear / F.conv2d of their weight)."""
+    correctable = correctable or _correctable
     import time  # noqa: PLC0415
 
     started = time.perf_counter()
@@ -902,7 +907,7 @@ def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_om
             weight_key, bias_key = f"{prefix}.weight", f"{prefix}.bias"
             factored = weight_key in lean.factors
             bias_only = set(keys) == {bias_key}
-            if _correctable(module) and (factored or bias_only):
+            if correctable(module) and (factored or bias_only):
                 up, down = lean.factors.get(weight_key, (None, None))
                 bias = lean.exact.get(bias_key)
                 # webui's fp8 weight storage computes in fp16: the factors too

@@ -244,6 +244,44 @@ def test_lean_is_within_budget_and_closer_to_exact_than_cfg(xl, monkeypatch):
     torch.testing.assert_close(whole.images[0], exact.images[0], rtol=0, atol=1e-6)
 
 
+class ForgeLinear(torch.nn.Module):
+    """Forge's own Linear (backend/operations.py ForgeOperations.Linear @ dfdcbab6): a plain nn.Module,
+    not an nn.Linear, whose forward is F.linear of its weight and bias (no cast on the CPU)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class ReForgeLinear(torch.nn.Linear):
+    """reForge's own Linear (ldm_patched/modules/ops.py disable_weight_init.Linear @ 3b56b268): an
+    nn.Linear subclass, nn.Linear's forward when it does not cast."""
+
+
+ForgeLinear.__name__ = ReForgeLinear.__name__ = "Linear"
+FORK_LINEAR = {"forge": ForgeLinear, "reforge": ReForgeLinear}
+
+
+def test_lean_corrects_the_forks_own_linear_layers(xl, monkeypatch):
+    """The forks build their UNets from their own layer classes, not torch's nn.Linear: lean factors of
+    those layers are still corrections within the budget (not copies of the whole layer)."""
+    monkeypatch.setattr(xl.samplers, "MEMORY_CHUNKS", 1)
+    unet = xl.model.forge_objects.unet.model.diffusion_model
+    swapped = [m for m in unet.modules() if type(m) is torch.nn.Linear]
+    assert swapped
+    for module in swapped:
+        module.__class__ = FORK_LINEAR[xl.fork]
+    exact = xl.generate(pg(0.0, weights="exact"), cfg_scale=0.0)
+    plain = xl.generate(cfg_scale=0.0)
+    before = xl.fingerprint()
+    lean = xl.generate(pg(0.0, weights="lean", lean_budget_mb=2), cfg_scale=0.0)
+    weak = xl.adapter.CONTROLLER.cache.weak
+    assert sum(layer.nbytes() for layer in weak.unet) <= 2 * 2**20
+    linear = [layer for layer in weak.unet if type(layer.module) is FORK_LINEAR[xl.fork]]
+    assert linear and all(layer.corrections_only for layer in linear)
+    assert (lean.images[0] - exact.images[0]).abs().mean() < (plain.images[0] - exact.images[0]).abs().mean()
+    assert xl.fingerprint() == before
+
+
 def test_lean_refusals(xl, tmp_path):
     xl.write_lora(tmp_path / "xl.safetensors")
     with pytest.raises(PGError, match="lean weak weights .* with LoRAs in the prompt"):

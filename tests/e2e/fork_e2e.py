@@ -10,6 +10,7 @@ with rand-sd15-ft active. Expect 5-15 s per 64x64, 4-step image and 40-50 s per 
 on a small CPU machine, 6-7 GB of RAM plus the weak weights (3.3 GB in fp32).
 """
 
+import hashlib
 import json
 import os
 import shlex
@@ -79,6 +80,37 @@ REQUEST = {
 }
 
 
+def link_shared_models(shared, models_dir, names, manifest, generator):
+    """Link the random checkpoints another run generated (FORK_SD15_MODELS / FORK_SDXL_MODELS: a folder
+    holding `names` and the generator's manifest) into the fork's models folder instead of generating
+    them again; refused unless that manifest is the generator's current one (its sha256). Returns
+    the links made (removed after the module); files already there are left alone."""
+    with open(generator, "rb") as script, open(os.path.join(shared, manifest)) as written:
+        current, recorded = hashlib.sha256(script.read()).hexdigest(), json.load(written).get("script")
+    assert recorded == current, (f"{shared}/{manifest} was written by another version of {os.path.basename(generator)}: "
+                                 "regenerate the shared models (or unset the variable to generate them here)")
+    os.makedirs(models_dir, exist_ok=True)
+    made = []
+    for name in (*(n + ".safetensors" for n in names), manifest):
+        source, link = os.path.join(shared, name), os.path.join(models_dir, name)
+        assert os.path.isfile(source), f"{source} is missing"
+        if os.path.lexists(link):
+            assert not os.path.islink(link) or os.path.realpath(link) == os.path.realpath(source), f"{link} links elsewhere"
+            continue
+        os.symlink(source, link)
+        made.append(link)
+    return made
+
+
+def shared_lora(variable, name):
+    """A LoRA file another run generated: $<variable> names the file, or the folder of the shared
+    models holds `<name>.safetensors`; None: generate it here."""
+    path = os.environ.get(variable)
+    if path and os.path.isdir(path):
+        path = os.path.join(path, name + ".safetensors")
+    return path if path and os.path.isfile(path) else None
+
+
 def pg(**settings):
     return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, "base": BASE, **settings}]}}}
 
@@ -106,7 +138,29 @@ class ForkServer:
         self.command = [FORK.python, "launch.py", *FORK.launch_args(ckpt, self.port), *shlex.split(os.environ.get("FORK_EXTRA_ARGS", ""))]
         self.process = None
 
+    # reForge @ 3b56b268 loads the --ckpt model (modules/initialize.py main_thread.async_run) while the
+    # API thread builds its routes; the load's memory cleanup walks gc.get_objects()
+    # (modules/sd_models.py force_memory_deallocation), which can hold a reference to a tuple pydantic
+    # is still resizing: the API thread dies with "SystemError: Objects/tupleobject.c:927" and the API
+    # never answers, while the process lives on. A fresh start is another draw of that race.
+    API_THREAD_DIED = ("Exception in thread", "api_only_worker")
+    START_TRIES = 3
+
     def start(self, timeout=600):
+        for attempt in range(1, self.START_TRIES + 1):
+            if self._start(timeout):
+                return
+            self.stop()
+            print(f"\n[pg-e2e-{FORK.name}] the API thread died at start-up (try {attempt}); restarting")
+            os.replace(self.log_path, f"{self.log_path}.died-{attempt}")
+        raise RuntimeError(f"{FORK.name}'s API thread died at start-up {self.START_TRIES} times; logs {self.log_path}.died-*")
+
+    def _api_thread_died(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            text = log.read()
+        return all(fragment in text for fragment in self.API_THREAD_DIED)
+
+    def _start(self, timeout):
         h.CURRENT_LOG["path"] = self.log_path
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
@@ -115,11 +169,13 @@ class ForkServer:
         while time.perf_counter() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{FORK.name} exited with {self.process.returncode}; log {self.log_path}")
+            if self._api_thread_died():
+                return False
             try:
                 status, _ = h.request(self.url, "GET", "/sdapi/v1/sd-models", timeout=10)
                 if status == 200:
                     self.start_seconds = time.perf_counter() - started
-                    return
+                    return True
             except OSError:
                 pass
             time.sleep(2)
@@ -171,9 +227,15 @@ def fork(request):
     started = time.perf_counter()
     failures_before = request.session.testsfailed
     models = os.path.join(FORK.path, "models", "Stable-diffusion")
-    out = subprocess.run([FORK.generator_python, GENERATOR, models, "--repos", FORK.repositories], cwd=FORK.path,
-                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=1800)
+    shared = os.environ.get("FORK_SD15_MODELS")
+    if shared:  # generated once for every host (tests/e2e/make_sd15_checkpoints.py): linked, not generated again
+        linked = link_shared_models(shared, models, (BASE, ACTIVE), ".rand-sd15.json", GENERATOR)
+        out = subprocess.CompletedProcess([], 0, stdout=f"linked from {shared} ({len(linked)} new links)")
+    else:
+        linked = []
+        out = subprocess.run([FORK.generator_python, GENERATOR, models, "--repos", FORK.repositories], cwd=FORK.path,
+                             env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:]
     link = os.path.join(FORK.path, "extensions", h.EXTENSION_NAME)
     made_link = False
@@ -191,6 +253,8 @@ def fork(request):
         server.stop()
         if made_link:
             os.unlink(link)
+        for path in linked:
+            os.unlink(path)
         if request.session.testsfailed == failures_before and os.path.exists(server.log_path):
             os.remove(server.log_path)  # kept (and its tail shown in the report) when a test failed
         print(f"\n[pg-e2e-{FORK.name}] fixture total {time.perf_counter() - started:.1f} s; "
@@ -310,11 +374,16 @@ def lora(fork):
     folder = os.path.join(FORK.path, "models", "Lora")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LORA + ".safetensors")
-    checkpoint = os.path.join(FORK.path, "models", "Stable-diffusion", ACTIVE + ".safetensors")
-    out = subprocess.run([FORK.python, LORA_GENERATOR, checkpoint, path, "--seed", "3"], cwd=FORK.path,
-                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:]
+    given = shared_lora("FORK_SD15_LORA", LORA) or shared_lora("FORK_SD15_MODELS", LORA)
+    if given:  # make_sd15_lora.py's output for rand-sd15-ft, generated once for every host
+        assert not os.path.lexists(path), f"{path} exists"
+        os.symlink(given, path)
+    else:
+        checkpoint = os.path.join(FORK.path, "models", "Stable-diffusion", ACTIVE + ".safetensors")
+        out = subprocess.run([FORK.python, LORA_GENERATOR, checkpoint, path, "--seed", "3"], cwd=FORK.path,
+                             env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout[-4000:]
     try:
         status, _ = h.request(fork.url, "POST", "/sdapi/v1/refresh-loras", {})
         assert status == 200

@@ -56,6 +56,65 @@ def peak_rss_gib(pid):
     return float("nan")
 
 
+def rss_gib(pid):
+    """(resident, peak resident since the last reset) of the process, GiB."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    found[line[:5]] = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return found.get("VmRSS", float("nan")), found.get("VmHWM", float("nan"))
+
+
+MEMORY = []  # (label, resident GiB, peak GiB since the previous mark)
+
+
+def reset_peak(server):
+    """Restart the process's peak resident count (Linux: 5 > clear_refs), so the next mark is the peak of what ran between."""
+    try:
+        with open(f"/proc/{server.process.pid}/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def memory_mark(server, label):
+    resident, peak = rss_gib(server.process.pid)
+    MEMORY.append((label, resident, peak))
+    reset_peak(server)
+
+
+RATE = re.compile(r"(\d+)/(\d+) \[([\d:]+)<[\d:?]+,\s*[\d.]+(?:s/it|it/s)\]")
+
+
+def last_step_rate(server):
+    """Seconds per sampling step of the last finished sampler progress bar in the fork's log (its
+    elapsed time over its steps, to the second: sampling only, without text encoding and VAE decode)."""
+    with open(server.log_path, encoding="utf-8", errors="replace") as log:
+        text = log.read()
+    for segment in reversed(re.split(r"[\r\n]", text)):
+        if "Total progress" in segment:
+            continue
+        match = RATE.search(segment)
+        if match and match.group(1) == match.group(2):
+            seconds = 0
+            for part in match.group(3).split(":"):
+                seconds = 60 * seconds + int(part)
+            return seconds / int(match.group(1))
+    return float("nan")
+
+
+RATES = []  # (label, s/step)
+
+
+def rated(server, label, result):
+    RATES.append((label, last_step_rate(server)))
+    return timed(label, result)
+
+
 def log_lines(server, fragment):
     with open(server.log_path, encoding="utf-8", errors="replace") as log:
         return [line.strip() for line in log if fragment in line]
@@ -66,17 +125,28 @@ def fork(request):
     started = time.perf_counter()
     failures_before = request.session.testsfailed
     models = os.path.join(f.FORK.path, "models", "Stable-diffusion")
-    repos = os.path.join(f.FORK.path, "repositories")
-    out = subprocess.run([f.FORK.python, GENERATOR, models, "--repos", repos], cwd=f.FORK.path,
-                         env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=3600)
+    shared = os.environ.get("FORK_SDXL_MODELS")
+    if shared:  # generated once for every host: linked, not generated again
+        linked = f.link_shared_models(shared, models, (BASE, ACTIVE), ".rand-sdxl.json", GENERATOR)
+        out = subprocess.CompletedProcess([], 0, stdout=f"linked from {shared} ({len(linked)} new links)")
+    else:
+        linked = []
+        out = subprocess.run([f.FORK.generator_python, GENERATOR, models, "--repos", f.FORK.repositories], cwd=f.FORK.path,
+                             env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=3600)
     assert out.returncode == 0, out.stdout[-4000:]
     folder = os.path.join(f.FORK.path, "models", "Lora")
     os.makedirs(folder, exist_ok=True)
     lora_path = os.path.join(folder, LORA + ".safetensors")
-    made = subprocess.run([f.FORK.python, LORA_GENERATOR, os.path.join(models, ACTIVE + ".safetensors"), lora_path, "--seed", "3"],
-                          cwd=f.FORK.path, env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=900)
+    given = f.shared_lora("FORK_SDXL_LORA", LORA) or f.shared_lora("FORK_SDXL_MODELS", LORA)
+    if given:  # make_sdxl_lora.py's output for rand-sdxl-ft, generated once for every host
+        assert not os.path.lexists(lora_path), f"{lora_path} exists"
+        os.symlink(given, lora_path)
+        made = subprocess.CompletedProcess([], 0, stdout=f"LoRA linked from {given}")
+    else:
+        made = subprocess.run([f.FORK.python, LORA_GENERATOR, os.path.join(models, ACTIVE + ".safetensors"), lora_path, "--seed", "3"],
+                              cwd=f.FORK.path, env={**os.environ, **h.OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=900)
     assert made.returncode == 0, made.stdout[-4000:]
     link = os.path.join(f.FORK.path, "extensions", h.EXTENSION_NAME)
     made_link = False
@@ -88,6 +158,7 @@ def fork(request):
     server = f.ForkServer(ACTIVE)
     try:
         server.start(timeout=1200)
+        memory_mark(server, "API up")
         print(f"\n[pg-e2e-{f.FORK.name}-sdxl] checkpoints {out.stdout.strip().splitlines()[-1]}; {made.stdout.strip()}; "
               f"API after {server.start_seconds:.1f} s")
         yield server
@@ -96,16 +167,24 @@ def fork(request):
         server.stop()
         if made_link:
             os.unlink(link)
-        os.remove(lora_path)
+        os.remove(lora_path)  # the link only, where the LoRA was given
+        for path in linked:
+            os.unlink(path)
         if request.session.testsfailed == failures_before and os.path.exists(server.log_path):
             os.remove(server.log_path)  # kept (and its tail shown in the report) when a test failed
         print(f"\n[pg-e2e-{f.FORK.name}-sdxl] peak RSS {peak:.1f} GiB; fixture total {time.perf_counter() - started:.1f} s; "
-              + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in TIMINGS))
+              + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in TIMINGS)
+              + f"; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+              + "\n  memory (resident / peak since the previous mark, GiB): "
+              + ", ".join(f"{label} {resident:.1f} / {top:.1f}" for label, resident, top in MEMORY)
+              + "\n  sampling s/step (tqdm): " + ", ".join(f"{label} {rate:.2f}" for label, rate in RATES))
 
 
 @pytest.fixture(scope="module")
 def disabled(fork):
-    return timed("disabled", f.generate(fork))
+    result = rated(fork, "disabled", f.generate(fork))
+    memory_mark(fork, "plain (SDXL loaded, first image)")
+    return result
 
 
 def test_the_fork_loads_the_sdxl_checkpoint_and_pg(fork, disabled):
@@ -120,15 +199,19 @@ def test_omega_one_is_pg_disabled_bit_for_bit(fork, disabled):
 
 
 @pytest.fixture(scope="module")
-def pg03(fork):
-    return timed("ω=0.3 (first: weak weights built)", f.generate(fork, pg(omega=0.3)))
+def pg03(fork, disabled):
+    reset_peak(fork)
+    result = timed("ω=0.3 (first: weak weights built)", f.generate(fork, pg(omega=0.3)))
+    memory_mark(fork, "PG exact (weak weights built, first image)")
+    return result
 
 
 def test_omega_03_changes_the_image_and_is_reproducible(fork, disabled, pg03):
     assert f.max_difference(pg03.pixels, disabled.pixels) > 10
     assert f"PG base: {BASE}" in pg03.infotext and "PG skipped" not in pg03.infotext
-    again = timed("ω=0.3 (cached)", f.generate(fork, pg(omega=0.3)))
-    assert again.pixels == pg03.pixels
+    plain = rated(fork, "disabled (again)", f.generate(fork))
+    again = rated(fork, "ω=0.3 (cached)", f.generate(fork, pg(omega=0.3)))
+    assert again.pixels == pg03.pixels and plain.pixels == disabled.pixels
     built = log_lines(fork, "built weak model from")
     assert built and "text-encoder layers" in built[-1]
     print(f"\n[pg-e2e-{f.FORK.name}-sdxl] exact weak weights: {built[-1]}")
@@ -137,9 +220,11 @@ def test_omega_03_changes_the_image_and_is_reproducible(fork, disabled, pg03):
 @pytest.fixture(scope="module")
 def base_images(fork):
     """The base checkpoint's own images at CFG Scale 0 (its unconditional branch alone)."""
+    reset_peak(fork)
     own = timed("base checkpoint cfg 0 (switch)", f.generate(fork, {**OWN_CALL, **TO_BASE}))
     batched = f.generate(fork, {"cfg_scale": 0, **TO_BASE})
     assert f"Model: {BASE}," in own.infotext
+    memory_mark(fork, "plain, switched to the base checkpoint and back (twice)")
     return own, batched
 
 
@@ -161,9 +246,11 @@ def test_omega_zero_is_the_base_model_at_cfg_zero(fork, base_images):
 def test_lean_is_within_budget_and_closer_to_exact_than_cfg(fork, base_images):
     base_own, _ = base_images
     exact = f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="exact")})
+    memory_mark(fork, "PG exact (built again), before lean")
     lean = timed("lean ω=0 cfg 0 (factored)", f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="lean")}))
+    memory_mark(fork, "PG lean (factoring, first image)")
     plain = f.generate(fork, OWN_CALL)
-    assert "PG weights: low-rank" in lean.infotext, lean.infotext
+    assert 'PG weights: "low-rank' in lean.infotext, lean.infotext
     lines = log_lines(fork, "lean weak weights from")
     assert lines, "no lean build logged"
     spent, budget = (float(x) for x in re.search(r"([\d.]+) MiB of a ([\d.]+) MiB budget", lines[-1]).groups())
@@ -173,8 +260,9 @@ def test_lean_is_within_budget_and_closer_to_exact_than_cfg(fork, base_images):
           f"{mean(lean.pixels, exact.pixels):.2f}; plain CFG vs exact: max {cfg_to_exact}, mean {mean(plain.pixels, exact.pixels):.2f}")
     assert spent <= budget
     assert mean(lean.pixels, exact.pixels) < mean(plain.pixels, exact.pixels)
-    again = timed("lean ω=0 cfg 0 (from the cache file)", f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="lean")}))
+    again = rated(fork, "lean ω=0 cfg 0 (cached)", f.generate(fork, {**OWN_CALL, **pg(omega=0.0, weights="lean")}))
     assert again.pixels == lean.pixels
+    memory_mark(fork, "PG lean (cached, an image)")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_pg.errors import PGError
+from lib_pg.lowrank import _correctable as lowrank_correctable
 from lib_pg.weights import LowRankDelta, aligned, live_parameters
 
 # Whether LoRA mode uses low-rank corrections where they are exact (tests turn it off to compare
@@ -211,6 +212,18 @@ def _layer_form(module, weight):
     if weight.dim() == 2 and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear"):
         return "linear"
     return None
+
+
+def correctable_layer(module):
+    """Whether lean corrections (D·x added to the layer's output) stand for a weight change of this
+    layer: torch's own classes (lib_pg.lowrank), and the forks' Linear/Conv2d classes, which
+    compute F.linear / F.conv2d of their weight (Forge backend/operations.py ForgeOperations.Linear,
+    a plain nn.Module; reForge ldm_patched/modules/ops.py disable_weight_init.Linear, an nn.Linear
+    subclass)."""
+    if lowrank_correctable(module):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and _layer_form(module, weight) is not None
 
 
 class _Factors:

@@ -40,7 +40,7 @@ from lib_pg.forks import TaggedGuidanceRun, place_like_live
 from lib_pg.guidance import UnroutedStep
 from lib_pg.hosts.common.conditioning import WeakConditioning
 from lib_pg.hosts.common.controller import Controller
-from lib_pg.hosts.common.fork_loras import (low_rank_corrections, originals_fingerprint, reference_weights, strips_anything,
+from lib_pg.hosts.common.fork_loras import (correctable_layer, low_rank_corrections, originals_fingerprint, reference_weights, strips_anything,
                                             without_loras_state)
 from lib_pg.hosts.common.frontend import check_memory_budget, log, mib_text, record_skipped
 from lib_pg.hosts.common.lean import (WeightsPlan, active_file, factor_with_progress, lean_cache_path, lean_dtype,
@@ -520,7 +520,7 @@ class ForkController(Controller):
             except OSError as error:
                 how += f" (not cached: {error})"
         try:
-            weak = lowrank.build_lean_weak_model(view, lean, settings.omega_key)
+            weak = lowrank.build_lean_weak_model(view, lean, settings.omega_key, correctable=correctable_layer)
             text_view = TextOnlyView(view)
             text_state = self._base_state(model, text_view, base_info.filename, with_unet=False)
             try:
