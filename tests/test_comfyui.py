@@ -305,10 +305,35 @@ def test_distilled_and_unsupported_families_are_refused_by_name(pair):
     class QwenImage(torch.nn.Module):
         pass
 
-    for cls, message in ((Flux, "guidance-distilled"), (QwenImage, "not supported in ComfyUI yet")):
+    class HunyuanVideo(torch.nn.Module):
+        pass
+
+    class Chroma(Flux):  # comfy/model_base.py: Chroma subclasses Flux, but samples with real CFG
+        pass
+
+    for cls, message in ((Flux, "Flux .dev/schnell. is guidance-distilled"), (HunyuanVideo, "HunyuanVideo is guidance-distilled"),
+                         (QwenImage, "QwenImage is not supported in ComfyUI yet"), (Chroma, "Chroma is not supported")):
         patcher = comfy.model_patcher.ModelPatcher(cls(), "cpu", "cpu")
         with pytest.raises(PGError, match=message):
             pg(patcher, reference=tuned.model)
+
+
+def test_sd3_is_a_supported_family(pair):
+    """SD 3/3.5 (comfy/model_base.py SD3, an MMDiT) is routed like the UNet: tests/e2e/test_comfyui_dit_e2e.py
+    runs it in a real ComfyUI; here the family check lets its class through, and the routing runs on it."""
+    base, tuned = pair
+
+    class SD3(comfy.model_base.BaseModel):
+        pass
+
+    def as_sd3(checkpoint):
+        return comfy.model_patcher.ModelPatcher(SD3(checkpoint.model.model.diffusion_model), "cpu", "cpu")
+
+    positive, negative = encode(tuned.clip, PROMPT), encode(tuned.clip, NEGATIVE)
+    live = as_sd3(tuned)
+    plain = sample(live, positive, negative, cfg=5.0)
+    assert torch.equal(sample(pg(live, reference=as_sd3(base), omega=1.0), positive, negative, cfg=5.0), plain)
+    assert not torch.equal(sample(pg(live, reference=as_sd3(base), omega=0.3), positive, negative, cfg=5.0), plain)
 
 
 # -- the entry point -----------------------------------------------------------------------

@@ -53,12 +53,16 @@ LOG = logging.getLogger("personalization_guidance")
 WRAPPER_KEY = "personalization_guidance"
 UNET_PREFIX = "diffusion_model."
 
-# Model classes (comfy/model_base.py) whose UNet PG routes: SD 1.x/2.x and SDXL.
+# Model classes (comfy/model_base.py) whose diffusion model PG routes: SD 1.x/2.x, SDXL, and SD 3/3.5
+# (MMDiT: every layer's input has the batch first, called with transformer_options like the UNet; the
+# positional embedding is a buffer, never a weight PG swaps). Checked by class name, not isinstance:
+# Chroma subclasses Flux but has real CFG.
 SUPPORTED_MODELS = {"BaseModel": "SD 1.x/2.x", "SD21UNCLIP": "SD 2.1 unCLIP", "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner",
-                    "SSD1B": "SSD-1B", "Koala": "Koala"}
+                    "SSD1B": "SSD-1B", "Koala": "Koala", "SD3": "SD 3/3.5"}
 # Guidance-distilled families: sampled at CFG 1, no unconditional branch to replace.
-DISTILLED_MODELS = {"Flux": "Flux (dev/schnell, guidance-distilled)", "FluxInpaint": "Flux Fill", "HunyuanVideo": "HunyuanVideo",
-                    "HunyuanVideoI2V": "HunyuanVideo", "HunyuanImage21": "HunyuanImage 2.1", "Kontext": "Flux Kontext"}
+DISTILLED_MODELS = {"Flux": "Flux (dev/schnell)", "FluxInpaint": "Flux Fill", "HunyuanVideo": "HunyuanVideo",
+                    "HunyuanVideoI2V": "HunyuanVideo", "HunyuanVideoSkyreelsI2V": "HunyuanVideo",
+                    "HunyuanImage21": "HunyuanImage 2.1", "Kontext": "Flux Kontext"}
 
 
 def log(message):
@@ -72,7 +76,7 @@ def check_model_family(patcher):
         raise PGError(f"{DISTILLED_MODELS[name]} is guidance-distilled: it samples at CFG 1 without an unconditional "
                       "branch, so there is nothing for PG to replace")
     if name not in SUPPORTED_MODELS:
-        raise PGError(f"the model family {name} is not supported in ComfyUI yet (supported: SD 1.x, SD 2.x, SDXL)")
+        raise PGError(f"the model family {name} is not supported in ComfyUI yet (supported: SD 1.x, SD 2.x, SDXL, SD 3/3.5)")
 
 
 def check_guider(guider):
