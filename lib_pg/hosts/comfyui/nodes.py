@@ -63,7 +63,7 @@ class PersonalizationGuidance:
                             "file in the checkpoints folder, without LoRAs."}),
             },
             "optional": {
-                "lean_budget_mb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 65536.0, "step": 1.0, "tooltip":
+                "lean_budget_mb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1048576.0, "step": 1.0, "tooltip":
                                    "Memory budget of lean weights in MiB (0: 8 % of the exact copy). A budget that holds the "
                                    "exact copy gets it."}),
                 "reference_model": ("MODEL", {"tooltip":
