@@ -162,5 +162,6 @@ def test_lean_weights_exact_small_budget_and_cache(comfy):
         assert h.max_difference(again, small) == 0
         assert comfy.log_tail(200000).count("factored in") == 1 and "; read " in comfy.log_tail(200000)
         print(f"lean: distance to exact PG {distance(small, exact)}, plain CFG's {distance(plain, exact)}")
+        print("\n".join(line for line in comfy.log_tail(200000).splitlines() if "Personalization Guidance:" in line))
     finally:
         shutil.rmtree(lean_cache(comfy), ignore_errors=True)
