@@ -359,6 +359,9 @@ class GuidedModel:
         s = self.settings
         if s.weights == "exact" or (s.omega_key[0] == "constant" and s.omega >= 1.0):
             return WeightsPlan(), None
+        available = None if s.weights == "lean" else available_bytes(unet_param)
+        if s.weights == "auto" and available is None:
+            return WeightsPlan(), None  # no memory limit (a CPU): exact copies
         why_not, active = None, None
         if not isinstance(self.reference, BaseCheckpoint):
             why_not = "the reference is a MODEL input, not a checkpoint file (pick base_checkpoint instead)"
@@ -380,7 +383,6 @@ class GuidedModel:
             with checkpoints.open_checkpoint(active, "model checkpoint") as a, \
                     checkpoints.open_checkpoint(self.reference.path, "base checkpoint") as b:
                 EXACT_SIZES[size_key] = lowrank.estimated_differing_bytes(UNetPart(a), UNetPart(b), element_size)
-        available = None if s.weights == "lean" else available_bytes(unet_param)
         return weights_plan(s, EXACT_SIZES[size_key], available), active
 
     def build_lean(self, live, active, plan):
