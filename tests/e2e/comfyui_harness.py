@@ -226,17 +226,19 @@ def txt2img(checkpoint=ACTIVE, positive="a photo of sks dog on the beach", negat
 SD3_UNET = "tiny-sd3.safetensors"
 SD3_LORA = "tiny-sd3-subject.safetensors"
 SD3_CLIP = "tiny-sd3-clip-l.safetensors"
+FLUX_UNET = "one-block-flux-dev.safetensors"
 
 
 def ensure_tiny_sd3(path, python):
     models = os.path.join(path, "models")
     wanted = [os.path.join(models, "diffusion_models", SD3_UNET), os.path.join(models, "loras", SD3_LORA),
-              os.path.join(models, "text_encoders", SD3_CLIP)]
+              os.path.join(models, "text_encoders", SD3_CLIP), os.path.join(models, "diffusion_models", FLUX_UNET)]
     if not all(os.path.isfile(f) for f in wanted):
         clip_from = os.path.join(models, "checkpoints", BASE)
         if not os.path.isfile(clip_from):
             raise RuntimeError(f"{clip_from} is missing: the tiny SD3 model borrows its CLIP-L text encoder")
-        subprocess.run([python, os.path.join(HERE, "make_tiny_sd3.py"), models, "--clip-from", clip_from], cwd=path, check=True)
+        subprocess.run([python, os.path.join(HERE, "make_tiny_sd3.py"), models, "--clip-from", clip_from, "--flux"], cwd=path,
+                       check=True)
 
 
 def sd3_txt2latent(positive="a photo of sks dog on the beach", negative="blurry", cfg=4.0, steps=3, seed=1234, size=64,

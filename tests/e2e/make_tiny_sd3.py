@@ -14,7 +14,8 @@ models/loras/tiny-sd3-subject.safetensors (kohya-style lora_up/lora_down/alpha u
 `diffusion_model.<module>` names, on every attention and MLP Linear of the joint blocks) and, with
 --clip-from an SD 1.x checkpoint, models/text_encoders/tiny-sd3-clip-l.safetensors (its CLIP-L text
 encoder in fp16: ComfyUI's SD3 CLIP with clip_l only pads it to the 4096-wide context and a 2048-wide
-pooled vector, the real SD3 widths). The same arguments give the same files.
+pooled vector, the real SD3 widths). With --flux, also models/diffusion_models/one-block-flux-dev.safetensors
+(see make_flux_dev_shapes). The same arguments give the same files.
 """
 
 import argparse
@@ -57,6 +58,24 @@ def make_model(depth, seed):
     return state
 
 
+def make_flux_dev_shapes():
+    """A Flux dev diffusion model with one double block and no single block, all zeros in bf16 (0.8 GB):
+    ComfyUI's model detection fixes Flux's hidden size (3072) and reads the rest from the keys
+    (guidance_in present: dev, comfy/supported_models.py Flux). It is only loaded, never sampled:
+    PG must refuse it by name before sampling."""
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.flux.model as flux
+    import comfy.ops
+
+    model = flux.Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                      hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
+                      theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, dtype=torch.bfloat16, device="meta",
+                      operations=comfy.ops.disable_weight_init)
+    return {key: torch.zeros(tensor.shape, dtype=torch.bfloat16) for key, tensor in model.state_dict().items()}
+
+
 def make_lora(state, rank, seed, relative=0.5):
     generator = torch.Generator().manual_seed(seed)
     lora = {}
@@ -94,6 +113,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--clip-from")
+    parser.add_argument("--flux", action="store_true", help="also write a one-block Flux dev (zeros, 0.8 GB)")
     args = parser.parse_args()
     for folder in ("diffusion_models", "loras", "text_encoders"):
         os.makedirs(os.path.join(args.models, folder), exist_ok=True)
@@ -103,6 +123,8 @@ def main():
     if args.clip_from:
         write_clip(args.clip_from, os.path.join(args.models, "text_encoders", "tiny-sd3-clip-l.safetensors"))
     print(f"tiny SD3: depth {args.depth}, {sum(t.numel() for t in state.values())} parameters")
+    if args.flux:
+        save_file(make_flux_dev_shapes(), os.path.join(args.models, "diffusion_models", "one-block-flux-dev.safetensors"))
 
 
 if __name__ == "__main__":

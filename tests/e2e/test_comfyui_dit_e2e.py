@@ -4,7 +4,8 @@ widths) and a random subject LoRA on its joint blocks, stripped by PG (reference
 the LoRA loader). Latents are compared (SaveLatent): the tiny model has no VAE.
 
 Skipped without COMFYUI_PATH (see comfyui_harness.py). The text encoder is rand-sd15's CLIP-L
-(fp16, 250 MB); the ComfyUI process stays well under 3 GB.
+(fp16, 250 MB). A one-block Flux dev (zeros) checks the refusal by name; with it loaded the ComfyUI
+process stays under 3 GB.
 """
 
 import numpy as np
@@ -61,3 +62,18 @@ def test_sd3_lora_stripping_identities(comfy):
     assert report(plain, again, "plain CFG again") == 0.0  # the model ComfyUI keeps loaded is the user's
     log = comfy.log_tail(200000)
     assert "UNet layers differ" in log and "steps guided" in log
+
+
+def test_flux_dev_is_refused_by_name_before_sampling(comfy):
+    """A Flux dev diffusion model (one double block, zeros: make_tiny_sd3.py --flux) through the PG node: the
+    run stops on the PG node with the family's name, and the sampler never runs."""
+    workflow = h.sd3_txt2latent(pg={"omega": 0.5}, weak_negative=True)
+    workflow["1"]["inputs"]["unet_name"] = h.FLUX_UNET
+    entry, _seconds = comfy.run(workflow)
+    message = h.error_message(entry)
+    print(message)
+    assert message is not None and message.startswith("PersonalizationGuidance:")
+    assert "Flux (dev/schnell) is guidance-distilled" in message
+    assert "7" not in entry.get("outputs", {})
+    with open(f"/proc/{comfy.process.pid}/status") as status:
+        print(" ".join(line.strip() for line in status if line.startswith(("VmHWM", "VmRSS"))), "(the ComfyUI process)")
