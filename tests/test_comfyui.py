@@ -538,3 +538,33 @@ def test_lean_is_refused_where_there_are_no_two_files(pair, tmp_path):
         sample(pg(with_lora, base_checkpoint="base.safetensors", weights="lean"), positive, negative, cfg=5.0)
     auto = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.3), positive, negative, cfg=5.0)
     assert guidance.CACHE.weak.description == "exact" and auto.shape == (1, 4, 8, 8)  # auto: exact copies instead
+
+
+def test_lean_factors_correct_comfyuis_linear_layers_without_a_copy():
+    """ComfyUI's UNet is built from comfy.ops Linear subclasses: lean factors must stay factors there (the
+    weak rows get the low-rank correction), not become full weak copies; with manual cast (bf16 weights,
+    fp32 rows) the correction follows the rows' dtype."""
+    import comfy.ops
+    from lib_pg import lowrank
+    from lib_pg.weights import live_parameters
+
+    torch.manual_seed(0)
+    for cls, dtype in ((comfy.ops.disable_weight_init.Linear, torch.float32), (comfy.ops.manual_cast.Linear, torch.bfloat16)):
+        layer = cls(8, 6).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(6, 8))
+            layer.bias.copy_(torch.randn(6))
+        view = torch.nn.Module()
+        view.model = torch.nn.Module()
+        view.model.diffusion_model = torch.nn.Module()
+        view.model.diffusion_model.proj = layer
+        up, down = torch.randn(6, 2), torch.randn(2, 8)
+        lean = lowrank.LeanFactors(factors={"model.diffusion_model.proj.weight": (up.to(dtype), down.to(dtype))},
+                                   shapes={"model.diffusion_model.proj.weight": (6, 8)})
+        weak = lowrank.build_lean_weak_model(view, lean, ("constant", 0.0))
+        assert len(weak.unet) == 1 and weak.unet[0].corrections_only  # a correction, no copy
+        x = torch.randn(3, 8)
+        correction = weak.unet[0].corrections[0](x)
+        assert correction.dtype == x.dtype
+        assert torch.allclose(correction, x @ (up.to(dtype).float() @ down.to(dtype).float()).T, atol=1e-4)
+        assert "model.diffusion_model.proj.weight" in live_parameters(view)

@@ -43,6 +43,7 @@ from lib_pg.hosts.comfyui.patchers import keys_that_may_differ, module_keys, pat
 from lib_pg.hosts.comfyui.text import WEAK_TEXT_KEY
 
 import comfy.model_management
+import comfy.ops
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
@@ -50,6 +51,9 @@ import folder_paths
 from comfy.patcher_extension import WrappersMP
 
 LOG = logging.getLogger("personalization_guidance")
+# ComfyUI's Linear layers compute x·Wᵀ + b (comfy/ops.py disable_weight_init.Linear; manual_cast.Linear
+# casts the weight to the input's dtype first): lean factors can correct their weak rows, no copy.
+lowrank.CORRECTABLE_LINEAR_TYPES.update({comfy.ops.disable_weight_init.Linear, comfy.ops.manual_cast.Linear})
 WRAPPER_KEY = "personalization_guidance"
 UNET_PREFIX = "diffusion_model."
 
