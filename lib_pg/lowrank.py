@@ -832,6 +832,12 @@ def read_lean_file(path: str, device="cpu") -> LeanFactors:
 # the weak model
 # ---------------------------------------------------------------------------
 
+def _as_input_dtype(x, *tensors):
+    """The factors in the rows' dtype where a host computes in another dtype than it stores weights in
+    (ComfyUI's manual cast: bf16/fp16 weights, fp32 inputs); unchanged (no copy) when they match."""
+    return tuple(t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors)
+
+
 def low_rank_output(module, up, down, bias_diff):
     """x -> D·x for a layer's factored weight difference (and its bias
     difference): what the weak rows subtract, scaled by 1 − ω. For an
@@ -848,19 +854,27 @@ def low_rank_output(module, up, down, bias_diff):
         bias = bias_diff.reshape(-1, 1, 1) if bias_diff is not None else None
 
         def output(x):
-            if kernel is None:
-                return bias
-            y = F.conv2d(F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation), up_kernel)
-            return y if bias is None else y + bias
+            k, u, b = _as_input_dtype(x, kernel, up_kernel, bias)
+            if k is None:
+                return b
+            y = F.conv2d(F.conv2d(x, k, None, module.stride, module.padding, module.dilation), u)
+            return y if b is None else y + b
 
         return output
 
     def output(x):
-        if down is None:
-            return bias_diff
-        return F.linear(F.linear(x, down), up, bias_diff)
+        d, u, b = _as_input_dtype(x, down, up, bias_diff)
+        if d is None:
+            return b
+        return F.linear(F.linear(x, d), u, b)
 
     return output
+
+
+# Linear classes whose forward is x·Wᵀ + b with their own weight (a host adds its own subclasses that
+# keep that forward: ComfyUI's comfy.ops Linear, lib_pg.hosts.comfyui.guidance). Others (webui's LoRA
+# wrappers, quantized layers) get weak copies.
+CORRECTABLE_LINEAR_TYPES = {torch.nn.Linear}
 
 
 def _correctable(module) -> bool:
@@ -869,7 +883,7 @@ def _correctable(module) -> bool:
         return module.groups == 1 and module.padding_mode == "zeros"
     if type(module) is torch.nn.Embedding:  # a plain lookup: no norm clipping, no sparse gradients
         return module.max_norm is None
-    return type(module) is torch.nn.Linear
+    return type(module) in CORRECTABLE_LINEAR_TYPES
 
 
 def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_omega_key, device_for=None,

@@ -305,10 +305,35 @@ def test_distilled_and_unsupported_families_are_refused_by_name(pair):
     class QwenImage(torch.nn.Module):
         pass
 
-    for cls, message in ((Flux, "guidance-distilled"), (QwenImage, "not supported in ComfyUI yet")):
+    class HunyuanVideo(torch.nn.Module):
+        pass
+
+    class Chroma(Flux):  # comfy/model_base.py: Chroma subclasses Flux, but samples with real CFG
+        pass
+
+    for cls, message in ((Flux, "Flux .dev/schnell. is guidance-distilled"), (HunyuanVideo, "HunyuanVideo is guidance-distilled"),
+                         (QwenImage, "QwenImage is not supported in ComfyUI yet"), (Chroma, "Chroma is not supported")):
         patcher = comfy.model_patcher.ModelPatcher(cls(), "cpu", "cpu")
         with pytest.raises(PGError, match=message):
             pg(patcher, reference=tuned.model)
+
+
+def test_sd3_is_a_supported_family(pair):
+    """SD 3/3.5 (comfy/model_base.py SD3, an MMDiT) is routed like the UNet: tests/e2e/test_comfyui_dit_e2e.py
+    runs it in a real ComfyUI; here the family check lets its class through, and the routing runs on it."""
+    base, tuned = pair
+
+    class SD3(comfy.model_base.BaseModel):
+        pass
+
+    def as_sd3(checkpoint):
+        return comfy.model_patcher.ModelPatcher(SD3(checkpoint.model.model.diffusion_model), "cpu", "cpu")
+
+    positive, negative = encode(tuned.clip, PROMPT), encode(tuned.clip, NEGATIVE)
+    live = as_sd3(tuned)
+    plain = sample(live, positive, negative, cfg=5.0)
+    assert torch.equal(sample(pg(live, reference=as_sd3(base), omega=1.0), positive, negative, cfg=5.0), plain)
+    assert not torch.equal(sample(pg(live, reference=as_sd3(base), omega=0.3), positive, negative, cfg=5.0), plain)
 
 
 # -- the entry point -----------------------------------------------------------------------
@@ -391,3 +416,155 @@ def test_sdxl_weak_branch_gets_the_weak_pooled_vector(one_thread):
     reference = sample(base.model, encode(base.clip, PROMPT), encode(base.clip, NEGATIVE), cfg=0.0)
     guided = sample(pg(tuned.model, reference=base.model, omega=0.0), positive, weak_negative(tuned.clip, base.clip), cfg=0.0)
     assert torch.allclose(guided, reference, atol=1e-4, rtol=1e-5)
+
+
+# -- Automatic base and lean weights: real checkpoint files in the (fake) checkpoints folder ------------------
+
+def register_files(folder, **ldms):
+    """Write each ldm model as a checkpoint file, list it in ComfyUI's checkpoints folder, and let the fake
+    loader build its MODEL; models_dir (PG's lean cache under it) in `folder`."""
+    from tests.ldm_models import save_checkpoint
+
+    folder_paths.models_dir = str(folder / "models")
+    paths = {}
+    for name, ldm in ldms.items():
+        path = str(folder / f"{name}.safetensors")
+        if not os.path.isfile(path):
+            save_checkpoint(ldm.state_dict(), path)
+        folder_paths.FILES["checkpoints"][f"{name}.safetensors"] = path
+        comfy.sd.CHECKPOINTS[path] = lambda ldm=ldm: (Checkpoint(ldm).model, None, None, None)
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def decoy(one_thread):
+    return make_sd1("tiny", seed=2)
+
+
+def test_automatic_base_picks_the_nearest_other_checkpoint(pair, decoy, tmp_path):
+    base, tuned = pair
+    register_files(tmp_path, base=base.ldm, tuned=tuned.ldm, decoy=decoy)
+    assert [name for name, _path, _d in guidance.files.ranking(tuned.model)][:2] == ["tuned.safetensors", "base.safetensors"]
+    assert guidance.files.model_file(tuned.model)[0] == "tuned.safetensors"  # the model's own file, found by its weights
+    reference = sample(base.model, encode(base.clip, PROMPT), encode(base.clip, NEGATIVE), cfg=0.0)
+    guided = sample(pg(tuned.model, base_checkpoint="Automatic", omega=0.0), encode(tuned.clip, PROMPT),
+                    weak_negative(tuned.clip, base.clip), cfg=0.0)
+    assert torch.allclose(guided, reference, atol=1e-4, rtol=1e-5)
+    assert "Automatic" in PersonalizationGuidance.INPUT_TYPES()["required"]["base_checkpoint"][0]
+
+
+def test_automatic_base_refuses_unrelated_checkpoints(pair, decoy, tmp_path):
+    _base, tuned = pair
+    register_files(tmp_path, tuned=tuned.ldm, decoy=decoy)
+    with pytest.raises(PGError, match="no plausible base"):
+        pg(tuned.model, base_checkpoint="Automatic")
+    folder_paths.FILES["checkpoints"].pop("decoy.safetensors")
+    with pytest.raises(PGError, match="no other checkpoint"):
+        pg(tuned.model, base_checkpoint="Automatic")
+
+
+@pytest.fixture(scope="module")
+def low_rank_pair(pair):
+    from tests.test_lean import low_rank_tune
+
+    base, _tuned = pair
+    return base, Checkpoint(low_rank_tune(base.ldm))
+
+
+def exact_unet_bytes(paths, element_size=4):
+    from lib_pg import checkpoints, lowrank
+    from lib_pg.lean_plan import UNetPart
+
+    with checkpoints.open_checkpoint(paths["tuned"]) as a, checkpoints.open_checkpoint(paths["base"]) as b:
+        return lowrank.estimated_differing_bytes(UNetPart(a), UNetPart(b), element_size)
+
+
+def test_lean_weights_are_factored_once_cached_in_webuis_format_and_give_the_base(low_rank_pair, tmp_path, monkeypatch):
+    from lib_pg import lowrank
+
+    base, tuned = low_rank_pair
+    paths = register_files(tmp_path, base=base.ldm, tuned=tuned.ldm)
+    budget_mb = exact_unet_bytes(paths) / 2 / 2**20
+    positive, negative = encode(base.clip, PROMPT), encode(base.clip, NEGATIVE)
+    reference = sample(base.model, positive, negative, cfg=0.0)
+    lean_model = pg(tuned.model, base_checkpoint="base.safetensors", omega=0.0, weights="lean", lean_budget_mb=budget_mb)
+    comfy.utils.UPDATES.clear()
+    guided = sample(lean_model, positive, negative, cfg=0.0)
+    assert guidance.CACHE.weak.description.startswith("low-rank")
+    assert torch.allclose(guided, reference, atol=1e-3, rtol=1e-4)  # a rank-2 difference within the budget: the base
+    assert comfy.utils.UPDATES and comfy.utils.UPDATES[-1][0] == 100  # factoring showed ComfyUI's progress bar
+    cached = os.listdir(os.path.join(folder_paths.models_dir, "PersonalizationGuidance"))
+    sha = guidance.files.sha256
+    budget = int(budget_mb * 2**20)
+    assert cached == [f"lean-{sha(paths['tuned'])[:12]}-{sha(paths['base'])[:12]}-{budget}B-float32-unet.safetensors"]
+    assert lowrank.read_lean_metadata(os.path.join(folder_paths.models_dir, "PersonalizationGuidance", cached[0]))
+
+    guidance.CACHE.clear()
+    monkeypatch.setattr(lowrank, "factor_pair", lambda *a, **k: pytest.fail("the cached factors must be read"))
+    again = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.0, weights="lean", lean_budget_mb=budget_mb),
+                   positive, negative, cfg=0.0)
+    assert torch.equal(again, guided)
+
+
+def test_auto_weights_are_exact_on_a_cpu_and_lean_when_memory_is_short(low_rank_pair, tmp_path, monkeypatch):
+    base, tuned = low_rank_pair
+    paths = register_files(tmp_path, base=base.ldm, tuned=tuned.ldm)
+    positive, negative = encode(base.clip, PROMPT), encode(base.clip, NEGATIVE)
+    exact = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.3, weights="exact"), positive, negative, cfg=5.0)
+    auto = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.3), positive, negative, cfg=5.0)
+    assert guidance.CACHE.weak.description == "exact" and torch.equal(auto, exact)
+    big = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.3, weights="lean", lean_budget_mb=1024.0),
+                 positive, negative, cfg=5.0)
+    assert guidance.CACHE.weak.description == "exact" and torch.equal(big, exact)  # a budget holding the exact copy gets it
+    short = exact_unet_bytes(paths) // 4
+    monkeypatch.setattr(guidance, "available_bytes", lambda _param: short)  # a GPU with little free memory
+    lean = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.3), positive, negative, cfg=5.0)
+    assert guidance.CACHE.weak.description.startswith("low-rank")
+    assert torch.allclose(lean, exact, atol=1e-3, rtol=1e-4)
+
+
+def test_lean_is_refused_where_there_are_no_two_files(pair, tmp_path):
+    base, tuned = pair
+    register_files(tmp_path, base=base.ldm)  # the model's own file is not in the list
+    positive, negative = encode(tuned.clip, PROMPT), encode(tuned.clip, NEGATIVE)
+    with pytest.raises(PGError, match="not in ComfyUI's checkpoints folder"):
+        sample(pg(tuned.model, base_checkpoint="base.safetensors", weights="lean"), positive, negative, cfg=5.0)
+    with pytest.raises(PGError, match="MODEL input"):
+        sample(pg(tuned.model, reference=base.model, weights="lean"), positive, negative, cfg=5.0)
+    with_lora = base.model.clone()
+    with_lora.add_patches(lora_delta(base.model.model), 0.8)
+    with pytest.raises(PGError, match="LoRA patches"):
+        sample(pg(with_lora, base_checkpoint="base.safetensors", weights="lean"), positive, negative, cfg=5.0)
+    auto = sample(pg(tuned.model, base_checkpoint="base.safetensors", omega=0.3), positive, negative, cfg=5.0)
+    assert guidance.CACHE.weak.description == "exact" and auto.shape == (1, 4, 8, 8)  # auto: exact copies instead
+
+
+def test_lean_factors_correct_comfyuis_linear_layers_without_a_copy():
+    """ComfyUI's UNet is built from comfy.ops Linear subclasses: lean factors must stay factors there (the
+    weak rows get the low-rank correction), not become full weak copies; with manual cast (bf16 weights,
+    fp32 rows) the correction follows the rows' dtype."""
+    import comfy.ops
+    from lib_pg import lowrank
+    from lib_pg.weights import live_parameters
+
+    torch.manual_seed(0)
+    for cls, dtype in ((comfy.ops.disable_weight_init.Linear, torch.float32), (comfy.ops.manual_cast.Linear, torch.bfloat16)):
+        layer = cls(8, 6).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(6, 8))
+            layer.bias.copy_(torch.randn(6))
+        view = torch.nn.Module()
+        view.model = torch.nn.Module()
+        view.model.diffusion_model = torch.nn.Module()
+        view.model.diffusion_model.proj = layer
+        up, down = torch.randn(6, 2), torch.randn(2, 8)
+        lean = lowrank.LeanFactors(factors={"model.diffusion_model.proj.weight": (up.to(dtype), down.to(dtype))},
+                                   shapes={"model.diffusion_model.proj.weight": (6, 8)})
+        weak = lowrank.build_lean_weak_model(view, lean, ("constant", 0.0))
+        assert len(weak.unet) == 1 and weak.unet[0].corrections_only  # a correction, no copy
+        x = torch.randn(3, 8)
+        correction = weak.unet[0].corrections[0](x)
+        assert correction.dtype == x.dtype
+        assert torch.allclose(correction, x @ (up.to(dtype).float() @ down.to(dtype).float()).T, atol=1e-4)
+        assert "model.diffusion_model.proj.weight" in live_parameters(view)

@@ -141,6 +141,13 @@ class ComfyUI:
             time.sleep(0.2)
         raise TimeoutError(f"ComfyUI did not finish prompt {prompt_id} in {timeout} s")
 
+    def latent(self, entry, node_id):
+        """The latent a SaveLatent node wrote (its `latent_tensor`), as a float32 numpy array."""
+        from safetensors.numpy import load_file
+
+        info = entry["outputs"][node_id]["latents"][0]
+        return load_file(os.path.join(self.out, "output", info.get("subfolder", ""), info["filename"]))["latent_tensor"]
+
     def image(self, entry, node_id):
         """The first image a SaveImage node wrote, as a uint8 array (decoded by ComfyUI's python: PIL)."""
         images = entry["outputs"][node_id]["images"]
@@ -207,6 +214,57 @@ def txt2img(checkpoint=ACTIVE, positive="a photo of sks dog on the beach", negat
         if reference_model is not None:
             inputs["reference_model"] = reference_model
         w["10"] = {"class_type": "PersonalizationGuidance", "inputs": inputs}
+        model = ["10", 0]
+    w["5"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+    return w
+
+
+# -- a tiny SD3-style model (tests/e2e/make_tiny_sd3.py) -------------------------------------------
+
+SD3_UNET = "tiny-sd3.safetensors"
+SD3_LORA = "tiny-sd3-subject.safetensors"
+SD3_CLIP = "tiny-sd3-clip-l.safetensors"
+FLUX_UNET = "one-block-flux-dev.safetensors"
+
+
+def ensure_tiny_sd3(path, python):
+    models = os.path.join(path, "models")
+    wanted = [os.path.join(models, "diffusion_models", SD3_UNET), os.path.join(models, "loras", SD3_LORA),
+              os.path.join(models, "text_encoders", SD3_CLIP), os.path.join(models, "diffusion_models", FLUX_UNET)]
+    if not all(os.path.isfile(f) for f in wanted):
+        clip_from = os.path.join(models, "checkpoints", BASE)
+        if not os.path.isfile(clip_from):
+            raise RuntimeError(f"{clip_from} is missing: the tiny SD3 model borrows its CLIP-L text encoder")
+        subprocess.run([python, os.path.join(HERE, "make_tiny_sd3.py"), models, "--clip-from", clip_from, "--flux"], cwd=path,
+                       check=True)
+
+
+def sd3_txt2latent(positive="a photo of sks dog on the beach", negative="blurry", cfg=4.0, steps=3, seed=1234, size=64,
+                   lora=None, pg=None, weak_negative=False, sampler="euler", scheduler="simple"):
+    """A KSampler workflow on the tiny SD3 model, its latent saved (node "7"). `lora`: a strength for the
+    subject LoRA (LoraLoaderModelOnly); `pg`: the PG node's inputs, the model before the LoRA loader as
+    reference_model; `weak_negative`: the negative through the PG text-encode node (same CLIP as reference)."""
+    w = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD3_UNET, "weight_dtype": "default"}},
+        "11": {"class_type": "CLIPLoader", "inputs": {"clip_name": SD3_CLIP, "type": "sd3"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["11", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["11", 0]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "pg-sd3"}},
+    }
+    model = ["1", 0]
+    if lora is not None:
+        w["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": SD3_LORA, "strength_model": lora}}
+        model = ["20", 0]
+    if weak_negative:
+        w["3"] = {"class_type": "PersonalizationGuidanceTextEncode",
+                  "inputs": {"text": negative, "clip": ["11", 0], "reference_clip": ["11", 0]}}
+    if pg is not None:
+        w["10"] = {"class_type": "PersonalizationGuidance", "inputs": {
+            "model": model, "omega": 0.5, "base_checkpoint": "None", "schedule": "constant", "omega_end": 0.5, "start": 0.0,
+            "end": 1.0, "weights": "auto", "reference_model": ["1", 0], **pg}}
         model = ["10", 0]
     w["5"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,

@@ -6,6 +6,11 @@ rand-sd15-ft differs from rand-sd15 in every UNet weight and in the text encoder
 identities at ω = 0 need the weak text encoder too.
 """
 
+import glob
+import os
+import shutil
+
+import numpy as np
 import pytest
 
 from . import comfyui_harness as h
@@ -119,3 +124,44 @@ def test_refusals_name_the_cause(comfy):
     assert "Guider_DualCFG computes guidance its own way" in error(comfy, dual)  # DualCFGGuider's guider class
     plain = image(comfy, h.txt2img())
     assert plain.shape == (64, 64, 3)  # ComfyUI still samples after the refusals
+
+
+def test_automatic_base_finds_the_base_checkpoint(comfy):
+    base = image(comfy, h.txt2img(checkpoint=h.BASE, cfg=0.0))
+    automatic = image(comfy, h.txt2img(cfg=0.0, pg={"omega": 0.0, "base_checkpoint": "Automatic"}, weak_negative=h.BASE))
+    assert within(base, automatic, 1, "ω = 0, CFG 0, Automatic base vs the base")
+    assert f"automatic base: {h.BASE}" in comfy.log_tail(200000)
+
+
+def lean_cache(comfy):
+    return os.path.join(comfy.path, "models", "PersonalizationGuidance")
+
+
+def distance(a, b):
+    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).sum())
+
+
+def test_lean_weights_exact_small_budget_and_cache(comfy):
+    shutil.rmtree(lean_cache(comfy), ignore_errors=True)
+    try:
+        def pg_image(**settings):
+            return image(comfy, h.txt2img(pg={"omega": 0.5, "base_checkpoint": h.BASE, **settings}, weak_negative=h.BASE))
+
+        plain = image(comfy, h.txt2img())
+        exact = pg_image(weights="exact")
+        above = pg_image(weights="lean", lean_budget_mb=100000.0)  # more than the exact copy: exact mode, bit for bit
+        assert h.max_difference(above, exact) == 0
+        small = pg_image(weights="lean")  # the default budget: 8 % of the exact copy
+        log = comfy.log_tail(200000)
+        assert "lean weak weights from" in log and "factored in" in log
+        files = glob.glob(os.path.join(lean_cache(comfy), "lean-*-unet.safetensors"))
+        assert len(files) == 1
+        assert distance(small, exact) < distance(plain, exact)
+        pg_image(weights="lean", omega=0.3)  # other weak weights (same factors: read from the cache file)
+        again = pg_image(weights="lean")
+        assert h.max_difference(again, small) == 0
+        assert comfy.log_tail(200000).count("factored in") == 1 and "; read " in comfy.log_tail(200000)
+        print(f"lean: distance to exact PG {distance(small, exact)}, plain CFG's {distance(plain, exact)}")
+        print("\n".join(line for line in comfy.log_tail(200000).splitlines() if "Personalization Guidance:" in line))
+    finally:
+        shutil.rmtree(lean_cache(comfy), ignore_errors=True)

@@ -47,4 +47,8 @@ def test_sdxl_identities(comfy):
     weak = image(comfy, h.txt2img(checkpoint=ACTIVE, cfg=0.0, pg={"omega": 0.0}, reference=BASE, weak_negative=BASE, **common))
     difference = h.max_difference(base, weak)
     print(f"SDXL ω = 0 at CFG 0 against the base: max pixel difference {difference}")
+    with open(f"/proc/{comfy.process.pid}/status") as status:
+        print(" ".join(line.strip() for line in status if line.startswith(("VmHWM", "VmRSS"))), "(the ComfyUI process)")
+    print("\n".join(line for line in comfy.log_tail(200000).splitlines()
+                    if "Personalization Guidance:" in line or "model weight dtype" in line))
     assert difference <= 1

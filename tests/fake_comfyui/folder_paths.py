@@ -12,3 +12,5 @@ def get_full_path_or_raise(folder_name, filename):
         return FILES[folder_name][filename]
     except KeyError:
         raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.") from None
+
+models_dir = "/fake-comfyui/models"  # folder_paths.models_dir: the tests point it at a temporary folder

@@ -30,30 +30,43 @@ import time
 
 import torch
 
+from lib_pg import checkpoints, lowrank
 from lib_pg.errors import PGError
 from lib_pg.forks import TaggedGuidanceRun
 from lib_pg.guidance import UnroutedStep, WeakModelCache
+from lib_pg.lean_plan import LEAN_CACHE_FOLDER, UNetPart, WeightsPlan, gpu_available_bytes, lean_dtype, lean_file_name, weights_plan
 from lib_pg.schedule import omega_at
 from lib_pg.weights import WeakModel, aligned, build_weak_model
 
+from lib_pg.hosts.comfyui import files
 from lib_pg.hosts.comfyui.patchers import keys_that_may_differ, module_keys, patched_weight, patches_signature
 from lib_pg.hosts.comfyui.text import WEAK_TEXT_KEY
 
+import comfy.model_management
+import comfy.ops
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
+import folder_paths
 from comfy.patcher_extension import WrappersMP
 
 LOG = logging.getLogger("personalization_guidance")
+# ComfyUI's Linear layers compute x·Wᵀ + b (comfy/ops.py disable_weight_init.Linear; manual_cast.Linear
+# casts the weight to the input's dtype first): lean factors can correct their weak rows, no copy.
+lowrank.CORRECTABLE_LINEAR_TYPES.update({comfy.ops.disable_weight_init.Linear, comfy.ops.manual_cast.Linear})
 WRAPPER_KEY = "personalization_guidance"
 UNET_PREFIX = "diffusion_model."
 
-# Model classes (comfy/model_base.py) whose UNet PG routes: SD 1.x/2.x and SDXL.
+# Model classes (comfy/model_base.py) whose diffusion model PG routes: SD 1.x/2.x, SDXL, and SD 3/3.5
+# (MMDiT: every layer's input has the batch first, called with transformer_options like the UNet; the
+# positional embedding is a buffer, never a weight PG swaps). Checked by class name, not isinstance:
+# Chroma subclasses Flux but has real CFG.
 SUPPORTED_MODELS = {"BaseModel": "SD 1.x/2.x", "SD21UNCLIP": "SD 2.1 unCLIP", "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner",
-                    "SSD1B": "SSD-1B", "Koala": "Koala"}
+                    "SSD1B": "SSD-1B", "Koala": "Koala", "SD3": "SD 3/3.5"}
 # Guidance-distilled families: sampled at CFG 1, no unconditional branch to replace.
-DISTILLED_MODELS = {"Flux": "Flux (dev/schnell, guidance-distilled)", "FluxInpaint": "Flux Fill", "HunyuanVideo": "HunyuanVideo",
-                    "HunyuanVideoI2V": "HunyuanVideo", "HunyuanImage21": "HunyuanImage 2.1", "Kontext": "Flux Kontext"}
+DISTILLED_MODELS = {"Flux": "Flux (dev/schnell)", "FluxInpaint": "Flux Fill", "HunyuanVideo": "HunyuanVideo",
+                    "HunyuanVideoI2V": "HunyuanVideo", "HunyuanVideoSkyreelsI2V": "HunyuanVideo",
+                    "HunyuanImage21": "HunyuanImage 2.1", "Kontext": "Flux Kontext"}
 
 
 def log(message):
@@ -67,7 +80,7 @@ def check_model_family(patcher):
         raise PGError(f"{DISTILLED_MODELS[name]} is guidance-distilled: it samples at CFG 1 without an unconditional "
                       "branch, so there is nothing for PG to replace")
     if name not in SUPPORTED_MODELS:
-        raise PGError(f"the model family {name} is not supported in ComfyUI yet (supported: SD 1.x, SD 2.x, SDXL)")
+        raise PGError(f"the model family {name} is not supported in ComfyUI yet (supported: SD 1.x, SD 2.x, SDXL, SD 3/3.5)")
 
 
 def check_guider(guider):
@@ -123,6 +136,7 @@ class _LdmView(torch.nn.Module):
 
 
 CACHE = WeakModelCache()  # the last weak weights, across runs (one generation at a time in ComfyUI)
+EXACT_SIZES = {}  # (active file, base file, element size) -> bytes exact mode holds for the UNet
 
 
 def file_identity(path):
@@ -134,8 +148,9 @@ class BaseCheckpoint:
     """A base checkpoint from ComfyUI's checkpoints folder, loaded with ComfyUI's own
     loader only when weak weights must be built from it, and freed afterwards."""
 
-    def __init__(self, name, path):
+    def __init__(self, name, path, automatic_distance=None):
         self.name, self.path = name, path
+        self.automatic_distance = automatic_distance  # set when "Automatic" picked it
 
     def identity(self):
         return ("file",) + file_identity(self.path)
@@ -309,26 +324,126 @@ class GuidedModel:
     def weak_model(self, live):
         s = self.settings
         unet_param = next(live.model.diffusion_model.parameters())
-        key = (patches_signature(live), self.reference.identity(), s.omega_key, str(unet_param.dtype), str(unet_param.device))
+        plan, active = self.weights_plan(live, unet_param)
+        key = (patches_signature(live), self.reference.identity(), s.omega_key, str(unet_param.dtype), str(unet_param.device),
+               plan.key)
         weak = CACHE.get(key)
         if weak is not None:
             return weak
         CACHE.clear()  # free the old weak weights before building new ones
         if s.omega_key[0] == "constant" and s.omega >= 1.0:
             return WeakModel()  # ω = 1 is plain CFG: nothing to route, no reference to load
-        started = time.perf_counter()
-        reference = self.reference.load()
         try:
             with torch.no_grad():
-                weak = build_weak_weights(live, reference, s, self.reference.name)
+                weak = self.build_lean(live, active, plan) if plan.lean_budget is not None else self.build_exact(live)
         except torch.cuda.OutOfMemoryError as error:
             raise PGError(f"not enough GPU memory for the weak weights ({error}); lower the resolution/batch or free memory") from None
         except MemoryError:
             raise PGError("not enough memory to build the weak weights") from None
+        CACHE.put(key, weak)
+        return weak
+
+    def build_exact(self, live):
+        started = time.perf_counter()
+        reference = self.reference.load()
+        try:
+            weak = build_weak_weights(live, reference, self.settings, self.reference.name)
         finally:
             reference = None
         weak.description = "exact"
         log(f"built weak weights from {self.reference.name} in {time.perf_counter() - started:.2f} s: {len(weak.unet)} "
             f"UNet layers differ, extra memory {weak.extra_bytes / 2**20:.1f} MiB")
-        CACHE.put(key, weak)
         return weak
+
+    def weights_plan(self, live, unet_param):
+        """(WeightsPlan, the model's checkpoint path or None): exact copies, or lean factors of the UNet's
+        difference between the model's checkpoint file and the base's within a budget (as on webui and
+        the forks: lib_pg.lean_plan.weights_plan). Lean needs both files: a base checkpoint from the list
+        (or Automatic) and a model without LoRA patches whose file is in the checkpoints folder."""
+        s = self.settings
+        if s.weights == "exact" or (s.omega_key[0] == "constant" and s.omega >= 1.0):
+            return WeightsPlan(), None
+        available = None if s.weights == "lean" else available_bytes(unet_param)
+        if s.weights == "auto" and available is None:
+            return WeightsPlan(), None  # no memory limit (a CPU): exact copies
+        why_not, active = None, None
+        if not isinstance(self.reference, BaseCheckpoint):
+            why_not = "the reference is a MODEL input, not a checkpoint file (pick base_checkpoint instead)"
+        elif any(k.startswith(UNET_PREFIX) for k in live.patches):
+            why_not = "the model carries LoRA patches (lean factors hold the difference of two checkpoint files)"
+        else:
+            found = files.model_file(live)
+            if found is None:
+                why_not = ("the model's checkpoint file is not in ComfyUI's checkpoints folder (PG finds it by its weights)")
+            else:
+                active = found[1]
+        if why_not is not None:
+            if s.weights == "lean":
+                raise PGError(f"lean weak weights are not possible here: {why_not}; use weights 'exact' or 'auto'")
+            return WeightsPlan(), None
+        element_size = torch.empty((), dtype=lean_dtype(unet_param.dtype)).element_size()
+        size_key = (checkpoints.file_identity(active), checkpoints.file_identity(self.reference.path), element_size)
+        if size_key not in EXACT_SIZES:
+            with checkpoints.open_checkpoint(active, "model checkpoint") as a, \
+                    checkpoints.open_checkpoint(self.reference.path, "base checkpoint") as b:
+                EXACT_SIZES[size_key] = lowrank.estimated_differing_bytes(UNetPart(a), UNetPart(b), element_size)
+        return weights_plan(s, EXACT_SIZES[size_key], available), active
+
+    def build_lean(self, live, active, plan):
+        """The UNet's difference (model file − base file) as lean factors, read from PG's cache file
+        (models/PersonalizationGuidance, webui's and the forks' format) or factored and cached."""
+        started = time.perf_counter()
+        unet_param = next(live.model.diffusion_model.parameters())
+        dtype = lean_dtype(unet_param.dtype)
+        base = self.reference.path
+        path = os.path.join(folder_paths.models_dir, LEAN_CACHE_FOLDER,
+                            lean_file_name(files.sha256(active), files.sha256(base), plan.lean_budget, dtype, part="unet"))
+        if os.path.isfile(path):
+            lean = lowrank.read_lean_file(path)
+            how = f"read {path} in {(time.perf_counter() - started) * 1000:.0f} ms"
+        else:
+            lean = factor_with_progress(active, base, plan.lean_budget, dtype, unet_param.device)
+            how = f"factored in {time.perf_counter() - started:.1f} s"
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                lowrank.write_lean_file(lean, path, {"pg_active": os.path.basename(active), "pg_base": self.reference.name,
+                                                     "pg_part": "unet"})
+                how += f", cached as {path}"
+            except OSError as error:
+                how += f" (not cached: {error})"
+        weak = lowrank.build_lean_weak_model(_LdmView(live.model), lean, self.settings.omega_key)
+        budget_mib = plan.lean_budget / 2**20
+        weak.description = f"low-rank {budget_mib:.3g} MiB, {100 * lean.energy_share:.0f} %"
+        log(f"lean weak weights from {self.reference.name}: UNet {len(lean.factors)} layers low-rank, {len(lean.exact)} tensors "
+            f"exact, {sum(layer.nbytes() for layer in weak.unet) / 2**20:.1f} MiB of a {budget_mib:.3g} MiB budget (exact "
+            f"copy: {lean.differing_bytes / 2**20:.0f} MiB), {100 * lean.energy_share:.1f} % of the difference's energy; {how}")
+        return weak
+
+
+def available_bytes(unet_param):
+    """What automatic mode may spend: None (no limit) on a CPU; on a GPU its free memory (plus what
+    the kept weak weights hold) less a margin for sampling."""
+    if unet_param.device.type != "cuda":
+        return None
+    device = unet_param.device
+    held = CACHE.weak.extra_bytes if CACHE.weak is not None else 0
+    return gpu_available_bytes(comfy.model_management.get_free_memory(device),
+                               comfy.model_management.get_total_memory(device), held)
+
+
+def factor_with_progress(active, base, budget_bytes, dtype, device):
+    """Factor the UNet's difference on the model's device (a GPU when it is on one), with ComfyUI's
+    progress bar; ComfyUI's Cancel stops it between tensors (nothing is cached then)."""
+    bar = comfy.utils.ProgressBar(100)
+
+    def progress(done, total):
+        bar.update_absolute(int(100 * done / max(total, 1)))
+
+    device = device if device.type == "cuda" else torch.device("cpu")
+    log("factoring the weak weights (once per model, base and budget: cached in models/PersonalizationGuidance)")
+    try:
+        with checkpoints.open_checkpoint(active, "model checkpoint") as a, checkpoints.open_checkpoint(base, "base checkpoint") as b:
+            return lowrank.factor_pair(UNetPart(a), UNetPart(b), budget_bytes, dtype, device, progress,
+                                       comfy.model_management.processing_interrupted)
+    except lowrank.FactoringInterrupted:
+        raise PGError("interrupted while factoring the weak weights (nothing was cached)") from None

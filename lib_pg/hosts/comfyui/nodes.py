@@ -16,13 +16,15 @@ raised it (this node, or the sampler for what is found while sampling).
 from lib_pg.errors import PGError
 from lib_pg.settings import from_mapping
 
-from lib_pg.hosts.comfyui.guidance import BaseCheckpoint, GuidedModel, ReferenceModel, check_model_family
+from lib_pg.hosts.comfyui import files
+from lib_pg.hosts.comfyui.guidance import BaseCheckpoint, GuidedModel, ReferenceModel, check_model_family, log
 from lib_pg.hosts.comfyui.text import WEAK_TEXT_KEY, WeakText
 
 import folder_paths
 
 CATEGORY = "sampling/personalization guidance"
 NO_BASE = "None"
+AUTOMATIC = "Automatic"  # as webui's: the listed checkpoint nearest the model in weight space
 
 
 class PersonalizationGuidance:
@@ -44,30 +46,37 @@ class PersonalizationGuidance:
                 "omega": ("FLOAT", {"default": 0.5, **fraction, "tooltip":
                                     "Weak model strength ω: 0 = the reference's weights in the unconditional branch (strongest pull "
                                     "toward your subject), 1 = plain CFG."}),
-                "base_checkpoint": ([NO_BASE] + folder_paths.get_filename_list("checkpoints"), {"tooltip":
-                                    "The checkpoint your model was trained from (same architecture). Leave None when you connect "
-                                    "reference_model instead."}),
+                "base_checkpoint": ([NO_BASE, AUTOMATIC] + folder_paths.get_filename_list("checkpoints"), {"tooltip":
+                                    "The checkpoint your model was trained from (same architecture). Automatic: the checkpoint "
+                                    "in the list nearest your model's weights (a sample of its UNet tensors; refused when none is "
+                                    "plausibly its base). Leave None when you connect reference_model instead."}),
                 "schedule": (["constant", "linear", "cosine"], {"default": "constant", "tooltip":
                              "Constant ω, or ω moving from omega to omega_end over the active steps."}),
                 "omega_end": ("FLOAT", {"default": 0.5, **fraction, "tooltip": "ω at the end of a linear or cosine schedule."}),
                 "start": ("FLOAT", {"default": 0.0, **fraction, "tooltip": "Fraction of the steps where PG starts (before: plain CFG)."}),
                 "end": ("FLOAT", {"default": 1.0, **fraction, "tooltip": "Fraction of the steps where PG stops (after: plain CFG)."}),
-                "weights": (["auto", "exact"], {"default": "auto", "tooltip":
-                            "How the weak weights are held: exact copies of every weight that differs (auto is exact in ComfyUI "
-                            "for now; lean low-rank weights are webui-only so far)."}),
+                "weights": (["auto", "exact", "lean"], {"default": "auto", "tooltip":
+                            "How the weak weights are held: exact copies of every UNet weight that differs, or lean low-rank "
+                            "factors of the difference within lean_budget_mb (factored once, cached in models/"
+                            "PersonalizationGuidance in webui's format). auto: exact where they fit the GPU's free memory "
+                            "(always on a CPU), else lean. Lean needs a base_checkpoint from the list and your model's own "
+                            "file in the checkpoints folder, without LoRAs."}),
             },
             "optional": {
+                "lean_budget_mb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1048576.0, "step": 1.0, "tooltip":
+                                   "Memory budget of lean weights in MiB (0: 8 % of the exact copy). A budget that holds the "
+                                   "exact copy gets it."}),
                 "reference_model": ("MODEL", {"tooltip":
                                     "The reference as a model: the same model before its LoRA loader (the LoRAs to strip: the weak "
                                     "branch has them at ω × their strength), or a base checkpoint's model with the LoRAs to keep."}),
             },
         }
 
-    def apply(self, model, omega, base_checkpoint, schedule, omega_end, start, end, weights, reference_model=None):
+    def apply(self, model, omega, base_checkpoint, schedule, omega_end, start, end, weights, reference_model=None,
+              lean_budget_mb=0.0):
         settings = from_mapping({"enabled": True, "omega": omega, "base": "" if base_checkpoint == NO_BASE else base_checkpoint,
-                                 "schedule": schedule, "omega_end": omega_end, "start": start, "end": end, "weights": weights})
-        if settings.weights == "lean":
-            raise PGError("lean weak weights are not supported in ComfyUI yet; use 'auto' or 'exact'")
+                                 "schedule": schedule, "omega_end": omega_end, "start": start, "end": end, "weights": weights,
+                                 "lean_budget_mb": lean_budget_mb})
         check_model_family(model)
         if reference_model is not None and settings.base:
             raise PGError("connect reference_model or pick a base_checkpoint, not both (for a base with LoRAs to keep, load "
@@ -75,6 +84,10 @@ class PersonalizationGuidance:
         if reference_model is not None:
             check_model_family(reference_model)
             reference = ReferenceModel(reference_model)
+        elif settings.base == AUTOMATIC:
+            name, path, distance = files.automatic_base(model)
+            log(f"automatic base: {name} (relative distance {distance:.3f})")
+            reference = BaseCheckpoint(name, path, automatic_distance=distance)
         elif settings.base:
             reference = BaseCheckpoint(settings.base, folder_paths.get_full_path_or_raise("checkpoints", settings.base))
         else:

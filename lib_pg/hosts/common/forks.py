@@ -47,6 +47,7 @@ from lib_pg.hosts.common.lean import (WeightsPlan, active_file, factor_with_prog
                                       weights_plan)
 from lib_pg.hosts.common.networks import network_file, stripped_networks
 from lib_pg.interop import carry_marks
+from lib_pg.lean_plan import UNetPart
 from lib_pg.weights import UNET_PREFIX, WeakLayer, build_weak_model, layers_to_copy, live_parameters
 
 from modules import script_callbacks, shared  # noqa: E402
@@ -141,21 +142,6 @@ class NativeBaseState(Mapping):
     def close(self):
         self._file.close()
         self._text, self._set = {}, {}
-
-
-class UNetPart:
-    """A `Checkpoint` seen as its UNet tensors only (lean factors on the forks cover the UNet,
-    whose keys are the same in the file and the fork)."""
-
-    def __init__(self, checkpoint):
-        self._checkpoint = checkpoint
-        self.keys = [k for k in checkpoint.keys if k.startswith(UNET_PREFIX)]
-
-    def __contains__(self, key):
-        return key.startswith(UNET_PREFIX) and key in self._checkpoint
-
-    def __getattr__(self, name):
-        return getattr(self._checkpoint, name)
 
 
 class AliasedLayer(WeakLayer):

@@ -2,54 +2,18 @@
 budget, the cache file under the models folder, and factoring with the
 front end's progress bar and Interrupt (the factoring itself is lib_pg.lowrank)."""
 
-import math
 import os
 import sys
 
 from lib_pg import checkpoints, lowrank
 from lib_pg.errors import PGError
 from lib_pg.inspector import Progress
+from lib_pg.lean_plan import (GPU_MARGIN_BYTES, GPU_MARGIN_SHARE, LEAN_CACHE_FOLDER, WeightsPlan,  # noqa: F401 (shared)
+                              lean_dtype, lean_file_name, weights_plan)
 
 import torch
 
 from modules import devices, sd_models, shared  # noqa: E402
-
-# The GPU memory automatic mode leaves free for sampling (activations, VAE decode).
-GPU_MARGIN_BYTES = 2 * 2**30
-GPU_MARGIN_SHARE = 0.15
-
-
-class WeightsPlan:
-    """Exact copies (lean_budget None) or lean factors within lean_budget bytes."""
-
-    def __init__(self, lean_budget=None):
-        self.lean_budget = lean_budget
-
-    @property
-    def key(self):
-        return ("lean", self.lean_budget) if self.lean_budget is not None else ("exact",)
-
-
-def weights_plan(settings, exact_bytes, available_bytes):
-    """Exact where they fit: a forced lean budget no smaller than the exact
-    copy gets the exact copy (exact mode's result, bit for bit); automatic
-    mode takes the exact copy within the memory available (None: no limit),
-    else lean factors within the lean budget, at most what is available."""
-    requested = int(settings.lean_budget_mb * 2**20) if settings.lean_budget_mb else lowrank.default_budget(exact_bytes)
-    if settings.weights == "lean":
-        return WeightsPlan() if requested >= exact_bytes else WeightsPlan(requested)
-    if available_bytes is None or exact_bytes <= available_bytes:
-        return WeightsPlan()
-    if requested <= available_bytes:
-        return WeightsPlan(requested)
-    # Free memory moves a little between generations: a power of two MiB keeps
-    # the budget (and so the cached factors) the same across them.
-    return WeightsPlan(2 ** max(int(math.log2(max(available_bytes, 2**20))), 20))
-
-
-def lean_dtype(live_dtype):
-    """Factors are stored in the live dtype; fp8 weight storage keeps them in fp16."""
-    return live_dtype if live_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
 
 
 def active_file(model):
@@ -68,14 +32,12 @@ def file_hash(info):
 
 def lean_cache_folder():
     """PG's own folder under webui's models folder (next to Stable-diffusion/)."""
-    return os.path.join(os.path.dirname(os.path.abspath(sd_models.model_path)), "PersonalizationGuidance")
+    return os.path.join(os.path.dirname(os.path.abspath(sd_models.model_path)), LEAN_CACHE_FOLDER)
 
 
 def lean_cache_path(active_info, base_info, budget_bytes, dtype, part=""):
     """One file per (active hash, base hash, budget, dtype[, part of the model]): reused across restarts."""
-    name = (f"lean-{file_hash(active_info)[:12]}-{file_hash(base_info)[:12]}-{budget_bytes}B-"
-            f"{str(dtype).replace('torch.', '')}{'-' + part if part else ''}.safetensors")
-    return os.path.join(lean_cache_folder(), name)
+    return os.path.join(lean_cache_folder(), lean_file_name(file_hash(active_info), file_hash(base_info), budget_bytes, dtype, part))
 
 
 def factor_with_progress(active_path, base_path, budget_bytes, dtype, part=None):

@@ -1,4 +1,5 @@
-"""Mirrors what comfy/model_management.py @ a125cd84 load_models_gpu does to weights: a patcher whose
+"""Mirrors comfy/model_management.py @ a125cd84: get_free_memory / get_total_memory (FREE_MEMORY / TOTAL_MEMORY
+here), processing_interrupted (INTERRUPTED), and what load_models_gpu does to weights: a patcher whose
 module is patched for another clone (other patches) is unpatched first, then the patcher's own patches
 are merged in; a loaded model stays loaded (patched) after sampling."""
 
@@ -30,3 +31,20 @@ def unload_all_models():
 
 def throw_exception_if_processing_interrupted():
     pass
+
+
+FREE_MEMORY = {"bytes": 0}
+TOTAL_MEMORY = {"bytes": 0}
+INTERRUPTED = {"value": False}
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    return FREE_MEMORY["bytes"]
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    return TOTAL_MEMORY["bytes"]
+
+
+def processing_interrupted():
+    return INTERRUPTED["value"]
