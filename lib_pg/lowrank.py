@@ -871,19 +871,15 @@ def low_rank_output(module, up, down, bias_diff):
     return output
 
 
-# Linear classes whose forward is x·Wᵀ + b with their own weight (a host adds its own subclasses that
-# keep that forward: ComfyUI's comfy.ops Linear, lib_pg.hosts.comfyui.guidance). Others (webui's LoRA
-# wrappers, quantized layers) get weak copies.
-CORRECTABLE_LINEAR_TYPES = {torch.nn.Linear}
-
-
-def _correctable(module) -> bool:
-    """Layers whose weak rows can take D·x added to the live output."""
+def torch_correctable(module) -> bool:
+    """torch's own layers whose weak rows can take D·x added to the live output
+    (a host's subclasses that keep their forward are named by the host's own
+    `correctable`; webui's LoRA wrappers and quantized layers get weak copies)."""
     if isinstance(module, torch.nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros"
     if type(module) is torch.nn.Embedding:  # a plain lookup: no norm clipping, no sparse gradients
         return module.max_norm is None
-    return type(module) in CORRECTABLE_LINEAR_TYPES
+    return type(module) is torch.nn.Linear
 
 
 def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_omega_key, device_for=None,
@@ -895,7 +891,7 @@ def build_lean_weak_model(model: torch.nn.Module, lean: LeanFactors, settings_om
     `correctable(module)`: which layers take corrections (default: torch's own
     Linear, Conv2d and Embedding; a host with layer classes of its own says
     which of them compute F.linear / F.conv2d of their weight)."""
-    correctable = correctable or _correctable
+    correctable = correctable or torch_correctable
     import time  # noqa: PLC0415
 
     started = time.perf_counter()

@@ -561,8 +561,10 @@ def test_lean_factors_correct_comfyuis_linear_layers_without_a_copy():
         up, down = torch.randn(6, 2), torch.randn(2, 8)
         lean = lowrank.LeanFactors(factors={"model.diffusion_model.proj.weight": (up.to(dtype), down.to(dtype))},
                                    shapes={"model.diffusion_model.proj.weight": (6, 8)})
-        weak = lowrank.build_lean_weak_model(view, lean, ("constant", 0.0))
+        weak = lowrank.build_lean_weak_model(view, lean, ("constant", 0.0), correctable=guidance.correctable_layer)
         assert len(weak.unet) == 1 and weak.unet[0].corrections_only  # a correction, no copy
+        copied = lowrank.build_lean_weak_model(view, lean, ("constant", 0.0))  # torch's own classes only
+        assert not copied.unet[0].corrections_only
         x = torch.randn(3, 8)
         correction = weak.unet[0].corrections[0](x)
         assert correction.dtype == x.dtype

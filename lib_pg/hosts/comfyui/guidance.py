@@ -53,7 +53,12 @@ from comfy.patcher_extension import WrappersMP
 LOG = logging.getLogger("personalization_guidance")
 # ComfyUI's Linear layers compute x·Wᵀ + b (comfy/ops.py disable_weight_init.Linear; manual_cast.Linear
 # casts the weight to the input's dtype first): lean factors can correct their weak rows, no copy.
-lowrank.CORRECTABLE_LINEAR_TYPES.update({comfy.ops.disable_weight_init.Linear, comfy.ops.manual_cast.Linear})
+COMFY_LINEAR_TYPES = (comfy.ops.disable_weight_init.Linear, comfy.ops.manual_cast.Linear)
+
+
+def correctable_layer(module) -> bool:
+    return lowrank.torch_correctable(module) or type(module) in COMFY_LINEAR_TYPES
+
 WRAPPER_KEY = "personalization_guidance"
 UNET_PREFIX = "diffusion_model."
 
@@ -411,7 +416,7 @@ class GuidedModel:
                 how += f", cached as {path}"
             except OSError as error:
                 how += f" (not cached: {error})"
-        weak = lowrank.build_lean_weak_model(_LdmView(live.model), lean, self.settings.omega_key)
+        weak = lowrank.build_lean_weak_model(_LdmView(live.model), lean, self.settings.omega_key, correctable=correctable_layer)
         budget_mib = plan.lean_budget / 2**20
         weak.description = f"low-rank {budget_mib:.3g} MiB, {100 * lean.energy_share:.0f} %"
         log(f"lean weak weights from {self.reference.name}: UNet {len(lean.factors)} layers low-rank, {len(lean.exact)} tensors "

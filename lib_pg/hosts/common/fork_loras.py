@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_pg.errors import PGError
-from lib_pg.lowrank import _correctable as lowrank_correctable
+from lib_pg.lowrank import torch_correctable
 from lib_pg.weights import LowRankDelta, aligned, live_parameters
 
 # Whether LoRA mode uses low-rank corrections where they are exact (tests turn it off to compare
@@ -220,7 +220,7 @@ def correctable_layer(module):
     compute F.linear / F.conv2d of their weight (Forge backend/operations.py ForgeOperations.Linear,
     a plain nn.Module; reForge ldm_patched/modules/ops.py disable_weight_init.Linear, an nn.Linear
     subclass)."""
-    if lowrank_correctable(module):
+    if torch_correctable(module):
         return True
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and _layer_form(module, weight) is not None
