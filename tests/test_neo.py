@@ -197,6 +197,21 @@ def test_omega_zero_at_cfg_zero_is_the_base_models_image(neo, monkeypatch, own_c
     assert not any(torch.allclose(a, b, rtol=0, atol=1e-3) for a, b in zip(plain.images, base_image.images))
 
 
+def test_lean_on_sd1(neo):
+    """Lean weights on Neo's SD 1.x too: UNet factors within the budget, closer to exact than CFG, the
+    model unchanged."""
+    before = module_state_fingerprint(neo.tuned_inner)
+    exact, _ = neo.generate(pg_args(0.0, weights="exact"), cfg_scale=0.0)
+    exact_bytes = neo.adapter.CONTROLLER.cache.weak.extra_bytes
+    plain, _ = neo.generate(cfg_scale=0.0)
+    lean, _ = neo.generate(pg_args(0.0, weights="lean", lean_budget_mb=0.5), cfg_scale=0.0)
+    weak = neo.adapter.CONTROLLER.cache.weak
+    assert "low-rank 0.5 MiB" in lean.infotexts[0], lean.infotexts[0]
+    assert sum(layer.nbytes() for layer in weak.unet) <= 0.5 * 2**20 < exact_bytes
+    assert (lean.images[0] - exact.images[0]).abs().mean() < (plain.images[0] - exact.images[0]).abs().mean()
+    assert module_state_fingerprint(neo.tuned_inner) == before
+
+
 def test_automatic_base_is_found(neo):
     guided, _ = neo.generate(pg_args(0.3, base="Automatic"))
     info = guided.infotexts[0]
