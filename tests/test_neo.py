@@ -197,6 +197,21 @@ def test_omega_zero_at_cfg_zero_is_the_base_models_image(neo, monkeypatch, own_c
     assert not any(torch.allclose(a, b, rtol=0, atol=1e-3) for a, b in zip(plain.images, base_image.images))
 
 
+def test_lean_on_sd1(neo):
+    """Lean weights on Neo's SD 1.x too: UNet factors within the budget, closer to exact than CFG, the
+    model unchanged."""
+    before = module_state_fingerprint(neo.tuned_inner)
+    exact, _ = neo.generate(pg_args(0.0, weights="exact"), cfg_scale=0.0)
+    exact_bytes = neo.adapter.CONTROLLER.cache.weak.extra_bytes
+    plain, _ = neo.generate(cfg_scale=0.0)
+    lean, _ = neo.generate(pg_args(0.0, weights="lean", lean_budget_mb=0.5), cfg_scale=0.0)
+    weak = neo.adapter.CONTROLLER.cache.weak
+    assert "low-rank 0.5 MiB" in lean.infotexts[0], lean.infotexts[0]
+    assert sum(layer.nbytes() for layer in weak.unet) <= 0.5 * 2**20 < exact_bytes
+    assert (lean.images[0] - exact.images[0]).abs().mean() < (plain.images[0] - exact.images[0]).abs().mean()
+    assert module_state_fingerprint(neo.tuned_inner) == before
+
+
 def test_automatic_base_is_found(neo):
     guided, _ = neo.generate(pg_args(0.3, base="Automatic"))
     info = guided.infotexts[0]
@@ -247,7 +262,6 @@ def test_a_wrapper_that_drops_the_tags_stops_the_generation(neo):
     (pg_args(0.3, base=""), "choose a base checkpoint"),
     (pg_args(0.3, strip_loras="mydog"), "'strip_loras' is set but no LoRA is active"),
     (pg_args(1.5), "omega"),
-    (pg_args(0.3, weights="lean"), "lean weak weights ('weights': 'lean') are not supported on Forge Neo"),
 ])
 def test_bad_input_stops_the_generation(neo, args, message):
     before = module_state_fingerprint(neo.tuned_inner)
@@ -719,9 +733,116 @@ def test_sdxl_state_unchanged_after_error_and_interrupt(xl, tmp_path):
     assert xl.fingerprint() == before and xl.patch_state() == patches
 
 
-def test_sdxl_lean_and_other_families_are_refused_by_name(xl, monkeypatch):
-    with pytest.raises(PGError, match=r"lean weak weights \('weights': 'lean'\) are not supported on Forge Neo"):
-        xl.generate(_xl_pg(0.3, weights="lean"))
+class NeoLinear(torch.nn.Linear):
+    """Neo's own Linear (backend/operations.py ForgeOperations.Linear @ f95f632a): an nn.Linear subclass
+    whose forward, without manual cast (the CPU), is F.linear of get_weight_and_bias(self)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class NeoConv2d(torch.nn.Conv2d):
+    """Neo's own Conv2d (backend/operations.py ForgeOperations.Conv2d @ f95f632a): an nn.Conv2d subclass
+    whose forward, without manual cast, is nn.Conv2d._conv_forward of its weight and bias."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+NeoLinear.__name__, NeoConv2d.__name__ = "Linear", "Conv2d"
+
+
+def _neo_layers(xl):
+    """The fake's UNet built from Neo's own layer classes, as Neo builds it (using_forge_operations)."""
+    unet = xl.model.model.diffusion_model
+    for module in unet.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = NeoLinear
+        elif type(module) is torch.nn.Conv2d:
+            module.__class__ = NeoConv2d
+    return unet
+
+
+def test_sdxl_lean_is_within_budget_and_closer_to_exact_than_cfg(xl, monkeypatch):
+    """Lean weak weights on Neo (the forks' lean path): the UNet's factors within the budget, as
+    corrections on Neo's own Linear/Conv2d (no copies of whole layers), closer to the exact weak
+    weights' image than plain CFG; ω = 1 is off bit for bit; the model and Neo's patch lists unchanged."""
+    monkeypatch.setattr(xl.samplers, "MEMORY_CHUNKS", 1)
+    unet = _neo_layers(xl)
+    assert any(type(m) is NeoLinear for m in unet.modules()) and any(type(m) is NeoConv2d for m in unet.modules())
+    plain = xl.generate(cfg_scale=0.0)
+    before, patches = xl.fingerprint(), xl.patch_state()
+    exact = xl.generate(_xl_pg(0.0, weights="exact"), cfg_scale=0.0)
+    exact_bytes = xl.adapter.CONTROLLER.cache.weak.extra_bytes
+    lean = xl.generate(_xl_pg(0.0, weights="lean", lean_budget_mb=2), cfg_scale=0.0)
+    assert 'PG weights: "low-rank 2 MiB' in lean.infotexts[0], lean.infotexts[0]
+    weak = xl.adapter.CONTROLLER.cache.weak
+    assert sum(layer.nbytes() for layer in weak.unet) <= 2 * 2**20
+    assert weak.text and weak.extra_bytes < exact_bytes
+    for cls in (NeoLinear, NeoConv2d):
+        layers = [layer for layer in weak.unet if type(layer.module) is cls]
+        assert layers and all(layer.corrections_only for layer in layers), cls
+    assert (lean.images[0] - exact.images[0]).abs().mean() < (plain.images[0] - exact.images[0]).abs().mean()
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+    # ω = 1 with lean weights is PG off, bit for bit
+    assert same_images(plain, xl.generate(_xl_pg(1.0, weights="lean", lean_budget_mb=2), cfg_scale=0.0))
+    # a budget that holds the exact copy gives the exact weights' image
+    whole = xl.generate(_xl_pg(0.0, weights="lean", lean_budget_mb=1000), cfg_scale=0.0)
+    torch.testing.assert_close(whole.images[0], exact.images[0], rtol=0, atol=1e-6)
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+    assert same_images(plain, xl.generate(cfg_scale=0.0))
+
+
+def test_sdxl_lean_state_unchanged_after_error_and_interrupt(xl):
+    _neo_layers(xl)
+    plain = xl.generate()
+    before, patches = xl.fingerprint(), xl.patch_state()
+    calls = []
+
+    def fail_on_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+
+    handle = xl.model.model.diffusion_model.register_forward_pre_hook(fail_on_third_call)
+    with pytest.raises(RuntimeError, match="simulated"):
+        xl.generate(_xl_pg(0.3, weights="lean", lean_budget_mb=2))
+    handle.remove()
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+
+    def stop(params):
+        if params.denoiser.step == 1:
+            shared.state.interrupted = True
+
+    script_callbacks.on_cfg_denoiser(stop)
+    try:
+        xl.generate(_xl_pg(0.3, weights="lean", lean_budget_mb=2))
+    finally:
+        script_callbacks.remove_callbacks_for_function(stop)
+        shared.state.interrupted = False
+    assert xl.fingerprint() == before and xl.patch_state() == patches
+    assert same_images(plain, xl.generate())
+
+
+def test_sdxl_auto_weights_as_on_forge(xl, monkeypatch):
+    """'auto' takes the exact copy where it fits (no limit on a CPU), lean factors where it does not
+    (the forks' shared plan, lib_pg.lean_plan.weights_plan)."""
+    exact = xl.generate(_xl_pg(0.3))
+    assert "low-rank" not in exact.infotexts[0]
+    monkeypatch.setattr(xl.adapter.CONTROLLER, "_available_bytes", lambda unet_param: 2 * 2**20)
+    lean = xl.generate(_xl_pg(0.3, lean_budget_mb=2))
+    assert 'PG weights: "low-rank 2 MiB' in lean.infotexts[0], lean.infotexts[0]
+
+
+def test_sdxl_lean_refusals(xl, tmp_path):
+    xl.write_lora(tmp_path / "xl.safetensors")
+    with pytest.raises(PGError, match="lean weak weights .* with LoRAs in the prompt"):
+        xl.generate(_xl_pg(0.3, weights="lean"), prompt=XL_DOG)
+    with pytest.raises(PGError, match="cannot be combined with LoRAs to strip"):
+        xl.generate(_xl_pg(0.3, weights="lean", strip_loras=True), prompt=XL_DOG)
+
+
+def test_sdxl_other_families_are_refused_by_name(xl, monkeypatch):
     monkeypatch.setitem(xl.model.__dict__, "is_inpaint", True)
     with pytest.raises(PGError, match=r"family \(StableDiffusionXL inpainting\) is not supported by PG on Forge Neo"):
         xl.generate(_xl_pg(0.3))

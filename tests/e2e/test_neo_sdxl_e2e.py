@@ -1,5 +1,5 @@
 """End-to-end SDXL: the extension inside a real Forge Neo, driven through its HTTP API (tests in
-fork_sdxl_e2e.py, with Neo's refusal of lean weights instead of the lean test, plus a measurement).
+fork_sdxl_e2e.py, lean weak weights included, plus a measurement).
 
 Runs only when NEO_PATH names a Neo install (NEO_PYTHON: its python, default $NEO_PATH/venv/bin/python);
 CI has none, so the module is skipped there. One fork per pytest run; an SDXL process holds ~16–22 GiB:
@@ -29,8 +29,6 @@ if _SKIP:
 
 from .fork_sdxl_e2e import *  # noqa: E402,F401,F403 (the shared tests and fixtures)
 from . import fork_sdxl_e2e as x  # noqa: E402
-
-del test_lean_is_within_budget_and_closer_to_exact_than_cfg  # noqa: F821 (Neo keeps exact weak weights)
 
 MEASURED = {}
 
@@ -62,10 +60,6 @@ def pg03(fork, disabled):
     MEASURED["PG (exact weak weights built): peak RSS"] = x.peak_rss_gib(fork.process.pid)
     MEASURED["PG: RSS after"] = rss_gib(fork.process.pid)
     return result
-
-
-def test_lean_is_refused_by_name(fork):
-    fork_e2e.expect_error(fork, x.pg(omega=0.3, weights="lean"), "lean weak weights", "not supported on Forge Neo")
 
 
 def test_seconds_per_step_plain_and_with_pg(fork, disabled, pg03):

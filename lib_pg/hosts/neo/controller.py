@@ -21,7 +21,9 @@ original patchers, and merges with Neo's own functions.
 
 Supported here: SD 1.x and SDXL (eps, v-prediction and rectified-flow SDXL;
 backend/diffusion_engine/sdxl.py StableDiffusionXL), with a base checkpoint
-(exact weak weights) and/or LoRAs to strip (and LoRAs in the prompt). SDXL is
+(exact or lean weak weights: the forks' lean path, common/forks.py, whose
+corrections go on Neo's own backend/operations.py ForgeOperations.Linear/Conv2d,
+nn.Linear/nn.Conv2d subclasses computing F.linear/F.conv2d of their weight) and/or LoRAs to strip (and LoRAs in the prompt). SDXL is
 seen in Neo's own key space as on Forge (lib_pg.hosts.common.forks NativeView
 over `forge_objects.clip.cond_stage_model`, a JointTextEncoder{clip_l, clip_g} of
 IntegratedCLIPs in Hugging Face layout; a base checkpoint's text encoders
@@ -29,8 +31,7 @@ converted by the engine's own huggingface_guess `model_config.process_clip_state
 modules_forge/packages/huggingface_guess/model_list.py:211-217, as backend/loader.py
 split_state_dict does); the views and the base's reading are what Neo shares with
 Forge (lib_pg.hosts.common.forge_engine). Refused by name before sampling: other
-families (the SDXL refiner, Mugen, Flux, ...), inpainting models, lean weak
-weights (the forks' lean path is tested on Forge's and reForge's patchers), UNets
+families (the SDXL refiner, Mugen, Flux, ...), inpainting models, UNets
 whose weights are not plain fp32/fp16/bf16 tensors (nf4/fp4/gguf, fp8 storage,
 mixed-precision QuantizedTensor, int8, nunchaku SVDQ), the torch.compile
 script's swap, the fast refiner swap (it loads the refiner's weights into the
@@ -49,7 +50,6 @@ from lib_pg.errors import PGError
 from lib_pg.hosts.common.fork_loras import PatcherLoras, split_patches_by_lora
 from lib_pg.hosts.common.forge_engine import ForgeEngineParts
 from lib_pg.hosts.common.forks import ForkController
-from lib_pg.hosts.common.lean import WeightsPlan
 
 from modules import shared  # noqa: E402
 
@@ -135,11 +135,6 @@ class NeoController(ForgeEngineParts, ForkController):
                           f"{self.HOST}: set its preset to Disable")
 
     def _check_request(self, p, settings):
-        # The forks' lean path (UNet factors) was built and tested on Forge's and reForge's patchers,
-        # not on Neo's: exact weak weights only here until it is.
-        if settings.weights == "lean":
-            raise PGError(f"lean weak weights ('weights': 'lean') are not supported on {self.HOST} yet; "
-                          "use 'auto' or 'exact'")
         result = super()._check_request(p, settings)
         refiner = getattr(p, "refiner_checkpoint_info", None)
         active = getattr(shared.sd_model, "sd_checkpoint_info", None)
@@ -148,9 +143,6 @@ class NeoController(ForgeEngineParts, ForkController):
                           "the same UNet during sampling, which PG cannot follow; turn it off (the refiner's steps then "
                           "run as plain CFG) or remove the refiner")
         return result
-
-    def _weights_plan(self, model, settings, base_info, patchers, unet_param):
-        return WeightsPlan()  # exact copies ('auto' never turns lean on Neo; see _check_request)
 
     def _sample(self, p, settings, base_info, passes_without_pg, original_sample, args, kwargs):
         # Scripts' process_batch (the torch.compile script's) runs after PG's process(), before p.sample.
