@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from lib_pg.errors import PGError
 from lib_pg.weights import read_checkpoint
 
 
@@ -45,6 +46,16 @@ class ForgeEngineParts:
     before ForkController). `NATIVE_ENGINES`: the engine class names seen in the fork's own key space."""
 
     NATIVE_ENGINES = ()
+    FAMILIES = "SD 1.x"  # what the refusal of another family names as supported
+
+    def check_family(self, engine):
+        """Refuses engines PG does not cover (SD 1.x's `StableDiffusion`, backend/diffusion_engine/
+        sd15.py, and `NATIVE_ENGINES`) and inpainting models."""
+        family = type(engine).__name__
+        inpaint = getattr(engine, "is_inpaint", False)
+        if family not in ("StableDiffusion",) + self.NATIVE_ENGINES or inpaint:
+            raise PGError(f"this model's family ({family}{' inpainting' if inpaint else ''}) "
+                          f"is not supported by PG on {self.HOST}; supported: {self.FAMILIES}")
 
     def ldm_view(self, engine):
         return LdmView(engine)

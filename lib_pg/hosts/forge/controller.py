@@ -34,7 +34,6 @@ from lib_pg.hosts.common.fork_loras import PatcherLoras
 from lib_pg.hosts.common.forge_engine import ForgeEngineParts
 from lib_pg.hosts.common.forks import ForkController
 
-SUPPORTED_ENGINES = ("StableDiffusion",)  # backend/diffusion_engine/sd15.py
 # backend/diffusion_engine/sdxl.py, sd20.py: seen in Forge's own key space
 NATIVE_ENGINES = ("StableDiffusionXL", "StableDiffusion2")
 QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
@@ -43,13 +42,10 @@ QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
 class ForgeController(ForgeEngineParts, ForkController):
     HOST = "Forge"
     NATIVE_ENGINES = NATIVE_ENGINES
+    FAMILIES = "SD 1.x, SDXL, SD 2.x"
 
     def check_model(self, engine):
-        family = type(engine).__name__
-        inpaint = getattr(engine, "is_inpaint", False)
-        if family not in SUPPORTED_ENGINES + NATIVE_ENGINES or inpaint:
-            raise PGError(f"this model's family ({family}{' inpainting' if inpaint else ''}) "
-                          f"is not supported by PG on {self.HOST}; supported: SD 1.x, SDXL, SD 2.x")
+        self.check_family(engine)
         storage = getattr(engine.forge_objects.unet.model, "storage_dtype", None)
         if str(storage) in QUANTIZED_STORAGE:
             raise PGError(f"a quantized UNet ({storage}) is not supported by PG on {self.HOST}")

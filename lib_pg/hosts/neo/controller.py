@@ -53,7 +53,6 @@ from lib_pg.hosts.common.forks import ForkController
 
 from modules import shared  # noqa: E402
 
-SUPPORTED_ENGINES = ("StableDiffusion",)  # backend/diffusion_engine/sd15.py
 # backend/diffusion_engine/sdxl.py:15 StableDiffusionXL (eps, v-prediction and rectified-flow SDXL: the
 # guess's model type picks the predictor, the weights are laid out alike): seen in Neo's own key space
 NATIVE_ENGINES = ("StableDiffusionXL",)
@@ -103,14 +102,11 @@ def not_dense(module):
 class NeoController(ForgeEngineParts, ForkController):
     HOST = "Forge Neo"
     NATIVE_ENGINES = NATIVE_ENGINES
+    FAMILIES = "SD 1.x, SDXL"
 
     # -- what PG refuses ---------------------------------------------------
     def check_model(self, engine):
-        family = type(engine).__name__
-        inpaint = getattr(engine, "is_inpaint", False)
-        if family not in SUPPORTED_ENGINES + NATIVE_ENGINES or inpaint:
-            raise PGError(f"this model's family ({family}{' inpainting' if inpaint else ''}) "
-                          f"is not supported by PG on {self.HOST}; supported: SD 1.x, SDXL")
+        self.check_family(engine)
         from backend.args import dynamic_args
 
         kmodel = engine.forge_objects.unet.model
